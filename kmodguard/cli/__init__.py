@@ -1,0 +1,183 @@
+"""kmodguard's command line: a thin front over the engine. Exit codes and JSON per the Contract."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+
+from .. import __version__
+from ..errors import ExitCode, InvalidInput, KmodguardError
+
+EXIT_CODES = """\
+exit status:
+  0  success, nothing left to do
+  1  error (message on stderr; with --json an error document on stdout)
+  2  usage error (a bad option, a malformed modalias)
+  3  success, and some device needs a package or a fix
+  4  not authorized
+  5  the package for this kernel is in no repository
+  6  the fix ran and some devices are still unbound
+"""
+
+ENVIRONMENT = """\
+environment (options win over these):
+  KMODGUARD_MODULES_DIR   installed modules of the kernel (default /lib/modules/KVER)
+  KMODGUARD_INDEX_DIR     package indexes (default $KMODGUARD_STATE_DIR/index)
+  KMODGUARD_STATE_DIR     state (default /var/lib/kmodguard)
+  KMODGUARD_RUNTIME_DIR   the daemon's snapshot (default /run/kmodguard)
+  KMODGUARD_CONFIG_DIR    policy (default /etc/kmodguard)
+  KMODGUARD_MODPROBE_DIRS modprobe.d directories, ':'-separated (default: libkmod's)
+  KMODGUARD_FIRMWARE_DIRS firmware directories, ':'-separated ({kver} is replaced)
+  KMODGUARD_SYSFS, KMODGUARD_PROC   where sysfs and procfs are mounted
+  KMODGUARD_CONTAINER     force container detection: a name, or "none"
+"""
+
+DESCRIPTION = """\
+Find devices that have a modalias but no bound driver, and name the kernel module package
+that would drive them, matching aliases with libkmod against the installed module tree and
+against an index of the packages that are not installed.
+
+verdicts, one per device (the first that applies):
+  bound      a driver is bound
+  ignored    left unbound on purpose (driver_override, SR-IOV autoprobe off, blacklist, policy)
+  loadable   an installed (or built-in) module matches; the device is not bound
+  missing    nothing installed matches; a module in a not-installed package does
+  unindexed  nothing installed matches and there is no index for this kernel
+  unknown    no module installed or indexed matches
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become InvalidInput so that --json still prints one error document."""
+
+    def error(self, message):
+        raise InvalidInput(message, hint=f"see '{self.prog} --help'")
+
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS: the same options work before and after the command name.
+    p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    g = p.add_argument_group("common options")
+    g.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    g.add_argument("--kver", metavar="KVER", help="kernel version (default: the running kernel)")
+    g.add_argument("--modules-dir", metavar="DIR", help="installed modules of that kernel (default /lib/modules/KVER)")
+    g.add_argument("--index-dir", metavar="DIR", help="package indexes (default /var/lib/kmodguard/index)")
+    g.add_argument("--config-dir", metavar="DIR", help="policy directory (default /etc/kmodguard)")
+    g.add_argument("-v", "--verbose", action="count", help="log more on stderr (twice: debug)")
+    return p
+
+
+COMMON_DEFAULTS = {"json": False, "kver": None, "modules_dir": None, "index_dir": None, "config_dir": None,
+                   "verbose": 0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="kmodguard", description=DESCRIPTION, epilog=EXIT_CODES + "\n" + ENVIRONMENT,
+                     formatter_class=fmt, parents=[common])
+    parser.add_argument("--version", action="version", version=f"kmodguard {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def command(name, help_, description, **kw):
+        return sub.add_parser(name, help=help_, description=textwrap.dedent(description), epilog=EXIT_CODES,
+                              formatter_class=fmt, parents=[common], **kw)
+
+    status = command("status", "every device with a modalias, and its verdict", """\
+        Judge every device that has a modalias (all buses) and print its verdict, grouped,
+        with the next step for each group. Exit 3 when some device is 'missing' or 'loadable'.
+        Needs no root and no daemon; a running daemon's state is attached as "daemon".""")
+    status.add_argument("--all", action="store_true", default=False,
+                        help="also list bound and ignored devices one by one (default: counted)")
+    status.set_defaults(func="status")
+
+    explain = command("explain", "the verdict for modalias strings", """\
+        Judge modalias strings as if an unbound device carried them. Give them as arguments,
+        or '-' to read one per line from standard input. Exit 3 when some is 'missing' or
+        'loadable', 2 when one is not a modalias.""")
+    explain.add_argument("modaliases", nargs="+", metavar="MODALIAS", help="a modalias, or - for stdin")
+    explain.set_defaults(func="explain")
+
+    index = command("index", "build and inspect the package index", """\
+        kmodguard keeps, per kernel version and per package, an index of the modules in kernel
+        module packages that are not installed, so that it can name the package a device needs.""")
+    isub = index.add_subparsers(dest="index_command", metavar="SUBCOMMAND", parser_class=_Parser, required=True)
+    build = isub.add_parser("build", help="index a package payload or RPM files", parents=[common], formatter_class=fmt,
+                            epilog=EXIT_CODES, description=textwrap.dedent("""\
+        Index the modules of one package from its extracted payload (--from-dir: modules under
+        ROOT/lib/modules/KVER or ROOT/usr/lib/modules/KVER), or of each RPM file (--from-rpm: name,
+        version and the *-uname-r provide come from the RPM header; no root needed). The index
+        replaces the previous one for the same kernel and package atomically."""))
+    src = build.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-dir", metavar="ROOT", help="an extracted package payload")
+    src.add_argument("--from-rpm", metavar="FILE", nargs="+", help="kernel module package files")
+    build.add_argument("--package", metavar="NAME", help="package name (with --from-dir)")
+    build.add_argument("--version", dest="pkg_version", metavar="V", help="exact package version (with --from-dir)")
+    build.add_argument("--request", metavar="REQ",
+                       help="what the package manager is asked for to install exactly this package, "
+                            "e.g. 'kernel-modules-uname-r = KVER' (with --from-dir; default: NAME, or 'NAME = V')")
+    build.set_defaults(func="index_build")
+    lst = isub.add_parser("list", help="kernels and packages indexed", parents=[common], formatter_class=fmt,
+                          epilog=EXIT_CODES, description="List every indexed kernel and its packages.")
+    lst.set_defaults(func="index_list")
+    show = isub.add_parser("show", help="what is indexed for one kernel: packages, sizes, age", parents=[common],
+                           formatter_class=fmt, epilog=EXIT_CODES,
+                           description="Show the packages indexed for --kver (default: the running kernel).")
+    show.add_argument("packages", nargs="*", metavar="PACKAGE", help="only these packages")
+    show.add_argument("--modules", action="store_true", default=False, help="list each package's modules too")
+    show.set_defaults(func="index_show")
+    rm = isub.add_parser("remove", help="forget a package's index", parents=[common], formatter_class=fmt,
+                         epilog=EXIT_CODES, description="Remove the index of PACKAGE for --kver.")
+    rm.add_argument("packages", nargs="+", metavar="PACKAGE")
+    rm.set_defaults(func="index_remove")
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="kmodguard: %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    want_json = "--json" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        for name, default in COMMON_DEFAULTS.items():
+            if not hasattr(args, name):
+                setattr(args, name, default)
+        want_json = args.json
+        _setup_logging(args.verbose)
+        if not getattr(args, "func", None):
+            build_parser().print_help(sys.stderr)
+            return ExitCode.USAGE
+        from . import commands  # the engine loads only when a command runs
+
+        return int(getattr(commands, args.func)(args))
+    except KmodguardError as exc:
+        return _fail(exc, want_json)
+    except KeyboardInterrupt:
+        print("kmodguard: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.ERROR
+    except Exception as exc:  # a bug: say so plainly, keep the traceback for --verbose
+        if os.environ.get("KMODGUARD_DEBUG") or "-vv" in argv:
+            raise
+        return _fail(KmodguardError(f"internal error: {type(exc).__name__}: {exc}",
+                                    hint="please report this; rerun with -vv for a traceback"), want_json)
+
+
+def _fail(exc: KmodguardError, want_json: bool) -> int:
+    from .output import emit_json, safe
+
+    print(f"kmodguard: {safe(exc.message)}", file=sys.stderr)
+    if exc.hint:
+        print(f"kmodguard: {safe(exc.hint)}", file=sys.stderr)
+    if want_json:
+        emit_json(exc.as_json())
+    return int(exc.exit_code)

@@ -1,0 +1,291 @@
+"""The commands behind the parser. Each returns an exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .. import config as config_mod
+from ..engine import environment
+from ..engine.diagnosis import NEEDS_ACTION, Diagnoser, check_modalias
+from ..errors import ExitCode, InvalidInput
+from ..paths import Paths
+from .output import HEADINGS, ORDER, emit_json, install_command, progress, safe, table
+
+
+def make_paths(args) -> Paths:
+    return Paths.from_environment(
+        kver=args.kver, modules_dir=args.modules_dir, index_dir=args.index_dir, config_dir=args.config_dir,
+    )
+
+
+def _engine(args):
+    paths = make_paths(args)
+    policy = config_mod.load(paths.config_dir)
+    env = environment.detect(paths)
+    return paths, env, Diagnoser(paths, policy, env)
+
+
+def _index_json(diagnoser: Diagnoser) -> dict:
+    idx = diagnoser.index
+    return {
+        "dir": str(idx.dir),
+        "packages": [{"package": p.name, "version": p.version, "modules": p.module_count} for p in idx.packages],
+        "errors": [{"package": name, "message": e.message} for name, e in idx.errors.items()],
+    }
+
+
+def _daemon_snapshot(paths: Paths) -> dict | None:
+    try:
+        snap = json.loads(paths.snapshot.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return snap if isinstance(snap, dict) else None
+
+
+def _exit_for(verdicts) -> int:
+    return ExitCode.ACTION_NEEDED if any(v.verdict in NEEDS_ACTION for v in verdicts) else ExitCode.OK
+
+
+# --- status -------------------------------------------------------------------------------
+
+def status(args) -> int:
+    from ..devices import enumerate_devices
+
+    paths, env, diagnoser = _engine(args)
+    judged = [(d, diagnoser.diagnose(d)) for d in enumerate_devices()]
+    if args.json:
+        emit_json({
+            "kernel": paths.kver,
+            "environment": {**env.as_json(), "index": _index_json(diagnoser)},
+            "daemon": _daemon_snapshot(paths),
+            "devices": [{
+                "id": d.id, "syspath": d.syspath, "subsystem": d.subsystem, "modalias": d.modalias,
+                "driver": d.driver, **v.as_json(),
+                **({"pci": d.pci.as_json()} if d.pci else {}),
+            } for d, v in judged],
+        })
+    else:
+        _print_status(paths, env, diagnoser, judged, show_all=args.all)
+    return _exit_for(v for _, v in judged)
+
+
+def _notes(paths, env, diagnoser) -> list[str]:
+    notes = []
+    if env.why_not:
+        notes.append(f"Note: {env.why_not}.")
+    if diagnoser.installed_problem:
+        notes.append(f"Note: {diagnoser.installed_problem}.")
+    for name, exc in diagnoser.index.errors.items():
+        notes.append(f"Warning: {safe(exc.message)}")
+    if not diagnoser.index.exists and not diagnoser.no_module_support:
+        notes.append(f"Note: no package index for {paths.kver} in {paths.index_root}: "
+                     "'kmodguard index build' makes one.")
+    return notes
+
+
+def _print_status(paths, env, diagnoser, judged, show_all: bool) -> None:
+    print(f"kmodguard: kernel {paths.kver}, {len(judged)} devices with a modalias")
+    for note in _notes(paths, env, diagnoser):
+        print(note)
+    groups = {v: [(d, x) for d, x in judged if x.verdict == v] for v in ORDER}
+    for verdict in ORDER:
+        members = groups[verdict]
+        if not members:
+            continue
+        print(f"\n{HEADINGS[verdict]} ({len(members)})")
+        if verdict in ("bound", "ignored") and not show_all:
+            print("  (--all lists them)")
+            continue
+        reasons = {v.reason for _, v in members}
+        shared = reasons.pop() if len(reasons) == 1 else None
+        if shared:
+            print(f"  why: {safe(shared)}")
+        rows = []
+        for d, v in members:
+            what = (f"{v.candidates[0].module} in {v.candidates[0].package} {v.candidates[0].version}" if v.candidates
+                    else ", ".join(v.installed_modules) or d.driver or "-")
+            rows.append((safe(d.id, 60), safe(d.modalias, 56), safe(what)) + (() if shared else (safe(v.reason),)))
+        print(table(rows))
+        print(_next_step(verdict, [v for _, v in members], env))
+
+
+def _next_step(verdict, verdicts, env) -> str:
+    if verdict == "missing":
+        requests = list(dict.fromkeys(v.candidates[0].request for v in verdicts))
+        if not env.can_install:
+            return "  next: nothing can be installed here; see the note above."
+        return f"  next: {install_command(env.package_manager, requests)}"
+    if verdict == "loadable":
+        mods = list(dict.fromkeys(v.installed_modules[0] for v in verdicts if v.installed_modules and not v.builtin))
+        return f"  next: sudo modprobe -a {' '.join(mods)}  (then check 'dmesg' if it stays unbound)" if mods else \
+            "  next: check 'dmesg': a built-in driver refused the device"
+    if verdict == "unindexed":
+        return "  next: index the kernel's module packages: kmodguard index build --help"
+    return ""
+
+
+# --- explain ------------------------------------------------------------------------------
+
+def _read_modaliases(items: list[str]) -> list[str]:
+    out = []
+    for item in items:
+        if item == "-":
+            data = sys.stdin.buffer.read()
+            for n, raw in enumerate(data.split(b"\n"), 1):
+                line = raw.decode("utf-8", "surrogateescape").strip()
+                if line and not line.startswith("#"):
+                    out.append(_checked(line, f"stdin line {n}"))
+        else:
+            out.append(_checked(item, f"argument {item[:40]!r}"))
+    return out
+
+
+def _checked(value: str, where: str) -> str:
+    try:
+        return check_modalias(value)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{where}: {exc.message}") from None
+
+
+def explain(args) -> int:
+    modaliases = _read_modaliases(args.modaliases)
+    paths, env, diagnoser = _engine(args)
+    results = [(m, diagnoser.explain(m)) for m in modaliases]
+    if args.json:
+        emit_json({"kernel": paths.kver, "results": [{"modalias": m, **v.as_json()} for m, v in results]})
+    else:
+        for note in _notes(paths, env, diagnoser):
+            print(note, file=sys.stderr)
+        for m, v in results:
+            print(f"{safe(m)}\n  {v.verdict}: {safe(v.reason)}")
+            for c in v.candidates:
+                extra = f"; firmware absent: {len(c.firmware_missing)}" if c.firmware_missing else ""
+                print(f"  candidate: {c.module} in {c.package} {c.version} (install: {c.request}){extra}")
+        missing = [v for _, v in results if v.verdict == "missing"]
+        if missing:
+            print(_next_step("missing", missing, env))
+    return _exit_for(v for _, v in results)
+
+
+# --- index --------------------------------------------------------------------------------
+
+def index_build(args) -> int:
+    from ..index import build as builder
+
+    paths = make_paths(args)
+    kver = args.kver
+    built = []
+    if args.from_dir:
+        if not args.package:
+            raise InvalidInput("--from-dir needs --package NAME (and usually --version and --request)")
+        kver = kver or paths.kver
+        version = args.pkg_version or ""
+        request = args.request or (f"{args.package} = {version}" if version else args.package)
+        root = Path(args.from_dir)
+        if not root.is_dir():
+            raise InvalidInput(f"--from-dir {root}: no such directory")
+        source = builder.PackageSource(args.package, version, request, root, {"from-dir": str(root.resolve())})
+        progress(f"indexing {args.package} for kernel {kver}")
+        built.append(builder.build_package(paths.index_root, kver, source, progress))
+    else:
+        if args.package or args.pkg_version or args.request:
+            raise InvalidInput("--package, --version and --request go with --from-dir; an RPM names itself")
+        from ..index import rpmfile
+
+        for f in args.from_rpm:
+            progress(f"reading {f}")
+            with rpmfile.extracted(Path(f), kver) as source_and_kver:
+                source, pkg_kver = source_and_kver
+                progress(f"indexing {source.name} {source.version} for kernel {pkg_kver}")
+                built.append(builder.build_package(paths.index_root, pkg_kver, source, progress))
+    if args.json:
+        emit_json({"built": [p.summary() for p in built]})
+    else:
+        for p in built:
+            s = p.summary()
+            print(f"indexed {s['package']} {s['version']} for kernel {s['kernel']}: {s['modules']} modules, "
+                  f"{s['size_bytes'] // 1024} KiB, install request {s['request']!r}"
+                  + (f", blacklists {len(s['blacklisted'])} of its modules" if s["blacklisted"] else ""))
+    return ExitCode.OK
+
+
+def _kernel_doc(root: Path, kver: str, only=()) -> dict:
+    from ..index.store import KernelIndex
+
+    idx = KernelIndex(root, kver)
+    return {
+        "kernel": kver,
+        "packages": [p.summary() for p in idx.packages if not only or p.name in only],
+        "errors": [{"package": n, "message": e.message} for n, e in idx.errors.items() if not only or n in only],
+    }
+
+
+def index_list(args) -> int:
+    from ..index.store import kernels
+
+    paths = make_paths(args)
+    docs = [_kernel_doc(paths.index_root, k) for k in kernels(paths.index_root)]
+    if args.json:
+        emit_json({"index_dir": str(paths.index_root), "kernels": docs})
+        return ExitCode.OK
+    if not docs:
+        print(f"nothing is indexed in {paths.index_root}; 'kmodguard index build --help' tells how")
+    for d in docs:
+        pkgs = ", ".join(f"{p['package']} {p['version']}" for p in d["packages"]) or "-"
+        broken = f"  ({len(d['errors'])} unusable)" if d["errors"] else ""
+        print(f"{d['kernel']}: {pkgs}{broken}")
+    return ExitCode.OK
+
+
+def index_show(args) -> int:
+    paths = make_paths(args)
+    doc = _kernel_doc(paths.index_root, paths.kver, set(args.packages))
+    if args.packages:
+        known = {p["package"] for p in doc["packages"]} | {e["package"] for e in doc["errors"]}
+        unknown = [p for p in args.packages if p not in known]
+        if unknown:
+            raise InvalidInput(f"not indexed for {paths.kver}: {', '.join(unknown)}",
+                               hint="'kmodguard index list' shows what is")
+    if args.modules:
+        from ..index.store import KernelIndex
+
+        idx = KernelIndex(paths.index_root, paths.kver)
+        mods = {p.name: p.modules for p in idx.packages}
+        for p in doc["packages"]:
+            p["module_list"] = [{"module": r.name, "path": r.path, "size": r.size, "aliases": list(r.aliases),
+                                 "firmware": list(r.firmware), "depends": list(r.depends)}
+                                for r in mods[p["package"]].values()]
+    if args.json:
+        emit_json(doc)
+    else:
+        if not doc["packages"] and not doc["errors"]:
+            print(f"nothing is indexed for kernel {paths.kver} in {paths.index_root}")
+        for p in doc["packages"]:
+            age_h = p["age_seconds"] / 3600
+            print(f"{p['package']} {p['version']}: {p['modules']} modules, {p['size_bytes'] // 1024} KiB on disk, "
+                  f"built {p['built']} ({age_h:.1f} h ago)\n  install request: {p['request']}\n  path: {p['path']}")
+            if p["blacklisted"]:
+                print(f"  blacklists its own: {', '.join(p['blacklisted'])}")
+            for m in p.get("module_list", ()):
+                print(f"    {m['module']}  {m['path']}  {m['size']} bytes, {len(m['aliases'])} aliases")
+        for e in doc["errors"]:
+            print(f"{e['package']}: UNUSABLE: {safe(e['message'])}")
+    return ExitCode.ERROR if doc["errors"] else ExitCode.OK
+
+
+def index_remove(args) -> int:
+    from ..index.store import remove
+
+    paths = make_paths(args)
+    gone = [p for p in args.packages if remove(paths.index_root, paths.kver, p)]
+    missing = [p for p in args.packages if p not in gone]
+    if args.json:
+        emit_json({"kernel": paths.kver, "removed": gone, "not_indexed": missing})
+    else:
+        for p in gone:
+            print(f"removed the index of {p} for {paths.kver}")
+    if missing:
+        raise InvalidInput(f"not indexed for {paths.kver}: {', '.join(missing)}")
+    return ExitCode.OK

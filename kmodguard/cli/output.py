@@ -1,0 +1,61 @@
+"""Human and JSON output. JSON: exactly one document on stdout. Progress and messages: stderr."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+
+def emit_json(doc) -> None:
+    json.dump(doc, sys.stdout, indent=2, ensure_ascii=True)
+    sys.stdout.write("\n")
+
+
+def progress(message: str) -> None:
+    print(f"kmodguard: {message}", file=sys.stderr, flush=True)
+
+
+def safe(text: str | None, limit: int = 0) -> str:
+    """Device strings are untrusted: show control characters escaped, never raw, on a terminal."""
+    if text is None:
+        return "-"
+    shown = text.encode("ascii", "backslashreplace").decode("ascii")
+    shown = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in shown)
+    if limit and len(shown) > limit:
+        shown = shown[: limit - 1] + "…"
+    return shown
+
+
+def install_command(package_manager: str | None, requests: list[str]) -> str:
+    """The command a user would type to install exactly these packages."""
+    quoted = " ".join(shlex.quote(r) for r in requests)
+    if package_manager in ("dnf", "dnf5"):
+        return f"sudo {package_manager} install {quoted}"
+    if package_manager == "zypper":
+        return f"sudo zypper install {quoted}"
+    if package_manager == "apt-get":
+        return f"sudo apt-get install {quoted}"
+    return f"install {quoted} with this system's package manager"
+
+
+HEADINGS = {
+    "missing": "missing: a package that is not installed has the driver",
+    "loadable": "loadable: an installed driver matches, but the device is not bound",
+    "unindexed": "unindexed: no installed driver matches, and there is no package index to ask",
+    "unknown": "unknown: this kernel has no driver for them",
+    "ignored": "ignored: left unbound on purpose",
+    "bound": "bound",
+}
+ORDER = ("missing", "loadable", "unindexed", "unknown", "ignored", "bound")
+
+
+def table(rows: list[tuple[str, ...]], indent: str = "  ") -> str:
+    if not rows:
+        return ""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for r in rows:
+        cells = [c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]
+        lines.append(indent + "  ".join(cells).rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""Policy: /etc/kmodguard/kmodguard.toml plus conf.d/*.toml drop-ins, one typed schema.
+
+Later files override earlier ones key by key (tables are merged). The same validator checks
+options that arrive over D-Bus, so every bad value gets the same clear message.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InvalidInput
+
+MODES = ("off", "offer", "auto")
+INITRAMFS = ("auto", "always", "never")
+DEFAULT_PACKAGES = (
+    # Fedora / RHEL / Amazon Linux and their variants (+debug, +rt, aarch64 +16k/+64k)
+    "kernel-modules", "kernel-modules-extra", "kernel-modules-core",
+    "kernel-debug-modules", "kernel-debug-modules-extra", "kernel-debug-modules-core",
+    "kernel-rt-modules", "kernel-rt-modules-extra", "kernel-rt-modules-core",
+    "kernel-16k-modules", "kernel-16k-modules-extra", "kernel-64k-modules", "kernel-64k-modules-extra",
+    # SUSE: kernel-default on kernel-default-base systems
+    "kernel-default", "kernel-default-extra",
+    # Debian / Ubuntu
+    "linux-modules-extra",
+)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    package_manager: float = 900.0  # one whole transaction
+    lock_wait: float = 300.0  # waiting for another package manager to finish
+    settle: float = 2.0  # after a hotplug event, before calling a device unbound
+    dracut: float = 600.0
+
+
+@dataclass(frozen=True)
+class Ignore:
+    # CPU modaliases select optional feature modules; a CPU device is never bound to a driver.
+    subsystems: tuple[str, ...] = ("cpu",)
+    devices: tuple[str, ...] = ()  # device ids (PCI address) or syspaths
+    modules: tuple[str, ...] = ()  # modules never to install or load
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str = "offer"
+    auto_buses: tuple[str, ...] = ("pci", "virtio", "vmbus")
+    packages: tuple[str, ...] = DEFAULT_PACKAGES
+    initramfs: str = "auto"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    ignore: Ignore = field(default_factory=Ignore)
+    sources: tuple[str, ...] = ()  # the files read, for status and error messages
+
+    def package_allowed(self, name: str) -> bool:
+        """Allow-listed: an exact name, or a listed name followed by -KVER (Ubuntu's linux-modules-extra-KVER)."""
+        return any(name == p or (name.startswith(p + "-") and name[len(p) + 1:][:1].isdigit()) for p in self.packages)
+
+
+def _strings(where: str, value) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidInput(f"{where} must be a list of non-empty strings, not {value!r}")
+    return tuple(value)
+
+
+def _choice(where: str, value, choices) -> str:
+    if value not in choices:
+        raise InvalidInput(f"{where} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+def _seconds(where: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+        raise InvalidInput(f"{where} must be a number of seconds between 0 and 86400, not {value!r}")
+    return float(value)
+
+
+def _table(where: str, value) -> dict:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where} must be a table, not {value!r}")
+    return value
+
+
+def validate(raw: dict, where: str = "configuration") -> Config:
+    """A Config from a merged mapping; every unknown key or bad value is an InvalidInput."""
+    known = {"mode", "auto_buses", "packages", "initramfs", "timeouts", "ignore"}
+    for key in raw:
+        if key not in known:
+            raise InvalidInput(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+    kw = {}
+    if "mode" in raw:
+        kw["mode"] = _choice(f"{where}: mode", raw["mode"], MODES)
+    if "auto_buses" in raw:
+        kw["auto_buses"] = _strings(f"{where}: auto_buses", raw["auto_buses"])
+    if "packages" in raw:
+        kw["packages"] = _strings(f"{where}: packages", raw["packages"])
+    if "initramfs" in raw:
+        kw["initramfs"] = _choice(f"{where}: initramfs", raw["initramfs"], INITRAMFS)
+    if "timeouts" in raw:
+        t = _table(f"{where}: timeouts", raw["timeouts"])
+        names = Timeouts.__dataclass_fields__
+        for key in t:
+            if key not in names:
+                raise InvalidInput(f"{where}: unknown key timeouts.{key} (known: {', '.join(names)})")
+        kw["timeouts"] = Timeouts(**{k: _seconds(f"{where}: timeouts.{k}", v) for k, v in t.items()})
+    if "ignore" in raw:
+        t = _table(f"{where}: ignore", raw["ignore"])
+        names = Ignore.__dataclass_fields__
+        for key in t:
+            if key not in names:
+                raise InvalidInput(f"{where}: unknown key ignore.{key} (known: {', '.join(names)})")
+        kw["ignore"] = Ignore(**{k: _strings(f"{where}: ignore.{k}", v) for k, v in t.items()})
+    return Config(**kw)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load(config_dir: Path) -> Config:
+    """The policy from CONFIG_DIR/kmodguard.toml and CONFIG_DIR/conf.d/*.toml (in name order)."""
+    config_dir = Path(config_dir)
+    files = [config_dir / "kmodguard.toml", *sorted((config_dir / "conf.d").glob("*.toml"))]
+    merged: dict = {}
+    read = []
+    for path in files:
+        try:
+            data = tomllib.loads(path.read_text("utf-8"))
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"cannot read {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidInput(f"{path} is not valid TOML: {exc}") from None
+        validate(data, str(path))  # name the file that holds a bad value
+        merged = _merge(merged, data)
+        read.append(str(path))
+    config = validate(merged)
+    return Config(**{**config.__dict__, "sources": tuple(read)})

@@ -1,0 +1,178 @@
+"""Devices that carry a modalias, read from sysfs with pyudev (no udevd needed).
+
+Everything read here is untrusted text from the kernel or a hypervisor: it is decoded with
+surrogateescape, never handed to a shell, and validated before it reaches libkmod.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pyudev
+
+# Drivers whose only job is to hold a device for a guest or keep it quiet.
+INTENTIONAL_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pciback", "xen-pciback", "vfio-platform", "uio_pci_generic"})
+
+
+def _text(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "surrogateescape")
+    value = value.strip()
+    return value or None
+
+
+def _hex(value: str | None) -> int | None:
+    try:
+        return int(value, 16) if value else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class PciFacts:
+    vendor: int | None = None
+    device: int | None = None
+    subsystem_vendor: int | None = None
+    subsystem_device: int | None = None
+    pci_class: int | None = None  # 0xCCSSPP
+    physfn: str | None = None  # syspath of the PF when this is an SR-IOV virtual function
+    virtfns: tuple[str, ...] = ()  # syspaths of this PF's VFs
+    sriov_numvfs: int | None = None
+    sriov_drivers_autoprobe: bool | None = None  # of this PF, or of the PF of this VF
+
+    def as_json(self) -> dict:
+        return {
+            "vendor": f"{self.vendor:04x}" if self.vendor is not None else None,
+            "device": f"{self.device:04x}" if self.device is not None else None,
+            "subsystem_vendor": f"{self.subsystem_vendor:04x}" if self.subsystem_vendor is not None else None,
+            "subsystem_device": f"{self.subsystem_device:04x}" if self.subsystem_device is not None else None,
+            "class": f"{self.pci_class:06x}" if self.pci_class is not None else None,
+            "physfn": self.physfn,
+            "virtfns": list(self.virtfns),
+            "sriov_numvfs": self.sriov_numvfs,
+            "sriov_drivers_autoprobe": self.sriov_drivers_autoprobe,
+        }
+
+
+@dataclass(frozen=True)
+class Device:
+    syspath: str
+    subsystem: str
+    sysname: str
+    modalias: str
+    driver: str | None = None
+    driver_override: str | None = None
+    companion_of: str | None = None  # for ACPI nodes: the physical device judged instead
+    pci: PciFacts | None = field(default=None)
+
+    @property
+    def id(self) -> str:
+        """The PCI address for PCI devices, the syspath otherwise (the Contract's device id)."""
+        return self.sysname if self.subsystem == "pci" else self.syspath
+
+
+def _attr(device: pyudev.Device, name: str) -> str | None:
+    try:
+        return _text(device.attributes.get(name))
+    except (OSError, KeyError):
+        return None
+
+
+def _link(syspath: str, name: str) -> str | None:
+    path = os.path.join(syspath, name)
+    return os.path.realpath(path) if os.path.islink(path) else None
+
+
+def _modalias(device: pyudev.Device) -> str | None:
+    try:
+        value = device.properties.get("MODALIAS")
+    except UnicodeDecodeError:  # pyudev decodes strictly; keep hostile bytes visible instead
+        value = device.attributes.get("modalias")
+    return _text(value)
+
+
+def _autoprobe(device: pyudev.Device) -> bool | None:
+    value = _attr(device, "sriov_drivers_autoprobe")
+    return None if value is None else value != "0"
+
+
+def _pci_facts(device: pyudev.Device) -> PciFacts:
+    syspath = device.sys_path
+    physfn = _link(syspath, "physfn")
+    autoprobe = _autoprobe(device)
+    if physfn is not None:
+        try:
+            autoprobe = _autoprobe(pyudev.Devices.from_sys_path(device.context, physfn))
+        except pyudev.DeviceNotFoundError:
+            autoprobe = None
+    try:
+        virtfns = tuple(sorted(
+            os.path.realpath(os.path.join(syspath, n)) for n in os.listdir(syspath) if n.startswith("virtfn")))
+    except OSError:
+        virtfns = ()
+    numvfs = _attr(device, "sriov_numvfs")
+    return PciFacts(
+        vendor=_hex(_attr(device, "vendor")),
+        device=_hex(_attr(device, "device")),
+        subsystem_vendor=_hex(_attr(device, "subsystem_vendor")),
+        subsystem_device=_hex(_attr(device, "subsystem_device")),
+        pci_class=_hex(_attr(device, "class")),
+        physfn=physfn,
+        virtfns=virtfns,
+        sriov_numvfs=int(numvfs) if numvfs and numvfs.isdigit() else None,
+        sriov_drivers_autoprobe=autoprobe,
+    )
+
+
+def from_udev(device: pyudev.Device) -> Device | None:
+    """A Device from a pyudev device, or None when it carries no modalias."""
+    modalias = _modalias(device)
+    if modalias is None:
+        return None
+    override = _attr(device, "driver_override")
+    companion = None
+    driver = device.driver
+    if device.subsystem == "acpi":
+        # An ACPI namespace node is served through its physical node (a platform or PCI
+        # device with the same modalias), which is judged on its own.
+        companion = _link(device.sys_path, "physical_node")
+    return Device(
+        syspath=device.sys_path,
+        subsystem=device.subsystem or "",
+        sysname=device.sys_name,
+        modalias=modalias,
+        driver=driver,
+        driver_override=None if override == "(null)" else override,
+        companion_of=companion,
+        pci=_pci_facts(device) if device.subsystem == "pci" else None,
+    )
+
+
+def enumerate_devices(context: pyudev.Context | None = None) -> list[Device]:
+    """Every device with a MODALIAS, on every bus, sorted by syspath."""
+    context = context or pyudev.Context()
+    found = []
+    for udev_device in context.list_devices().match_property("MODALIAS", "*"):
+        device = from_udev(udev_device)
+        if device is not None:
+            found.append(device)
+    return sorted(found, key=lambda d: d.syspath)
+
+
+def find_device(ref: str, context: pyudev.Context | None = None) -> Device | None:
+    """A device by its id (PCI address) or syspath (with or without the /sys prefix)."""
+    context = context or pyudev.Context()
+    candidates = []
+    if ref.startswith("/"):
+        candidates.append(ref if ref.startswith(context.sys_path) else context.sys_path + ref)
+    else:
+        candidates.append(os.path.join(context.sys_path, "bus/pci/devices", ref))
+    for path in candidates:
+        try:
+            return from_udev(pyudev.Devices.from_sys_path(context, os.path.realpath(path)))
+        except pyudev.DeviceNotFoundError:
+            continue
+    return None

@@ -1,0 +1,232 @@
+"""From a device (or a bare modalias) to one verdict with its reason, as the Contract defines them.
+
+Verdicts, first that applies wins: bound, ignored, loadable, missing, unindexed, unknown.
+All matching is libkmod's: the installed module tree with the system's modprobe.d, and each
+indexed package's alias table with the package's own modprobe.d.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Config
+from ..devices import INTENTIONAL_DRIVERS, Device
+from ..errors import InvalidInput, KmodError
+from ..index.store import KernelIndex, PackageIndex
+from ..kmod import Context
+from ..paths import Paths
+from .environment import Environment
+
+VERDICTS = ("bound", "ignored", "loadable", "missing", "unindexed", "unknown")
+NEEDS_ACTION = frozenset({"loadable", "missing"})
+MAX_MODALIAS = 4096  # a sysfs attribute is at most one page
+VENDOR_DIRS = ("/extra/", "/updates/", "/weak-updates/")  # akmods, DKMS, NVIDIA, kABI weak links
+
+
+def check_modalias(value: str) -> str:
+    """A modalias is 'bus:' plus printable ASCII without blanks; anything else is refused."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInput("an empty string is not a modalias")
+    if len(value) > MAX_MODALIAS:
+        raise InvalidInput(f"modalias is {len(value)} characters long; the kernel never writes more than {MAX_MODALIAS}")
+    bad = next((c for c in value if not ("!" <= c <= "~")), None)
+    if bad is not None:
+        raise InvalidInput(f"modalias {value[:60]!r} contains {bad!r}: only printable ASCII without blanks is allowed")
+    bus, sep, _ = value.partition(":")
+    if not sep or not bus or not all(c.islower() or c.isdigit() or c == "_" for c in bus):
+        raise InvalidInput(f"{value[:60]!r} is not a modalias: it must start with a bus name and ':' (pci:..., usb:...)")
+    return value
+
+
+@dataclass
+class Candidate:
+    module: str
+    package: str
+    version: str
+    request: str
+    firmware_missing: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return {"module": self.module, "package": self.package, "version": self.version,
+                "request": self.request, "firmware_missing": self.firmware_missing}
+
+
+@dataclass
+class Verdict:
+    verdict: str
+    reason: str
+    installed_modules: list[str] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+    driver: str | None = None
+    intentional: bool = False
+    builtin: bool = False
+    vendor: bool = False
+    blacklisted: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        doc = {
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "installed_modules": self.installed_modules,
+            "candidates": [c.as_json() for c in self.candidates],
+        }
+        if self.verdict == "bound":
+            doc["intentional"] = self.intentional
+        if self.verdict == "loadable":
+            doc["builtin"] = self.builtin
+            doc["vendor"] = self.vendor
+        if self.blacklisted:
+            doc["blacklisted"] = self.blacklisted
+        return doc
+
+
+def _cmdline_blacklist(paths: Paths) -> frozenset[str]:
+    """module_blacklist= (the kernel refuses them) and modprobe.blacklist= from the command line."""
+    try:
+        words = (paths.proc / "cmdline").read_text(errors="replace").split()
+    except OSError:
+        return frozenset()
+    names = set()
+    for word in words:
+        key, _, value = word.partition("=")
+        if key in ("module_blacklist", "modprobe.blacklist"):
+            names.update(n.replace("-", "_") for n in value.split(",") if n)
+    return frozenset(names)
+
+
+class Diagnoser:
+    """Judges devices for one kernel. Owns libkmod contexts: use from one thread."""
+
+    def __init__(self, paths: Paths, config: Config, environment: Environment):
+        self.paths = paths
+        self.config = config
+        self.environment = environment
+        self.installed: Context | None = None
+        self.installed_problem: str | None = None
+        mdir = paths.installed_modules
+        if environment.modules_dir_present:
+            try:
+                self.installed = Context(mdir, paths.modprobe_dirs)
+                self.installed.load_resources()
+            except KmodError as exc:
+                self.installed = None
+                self.installed_problem = f"the module tree {mdir} is unusable ({exc}); run 'depmod {paths.kver}'"
+        elif not environment.module_support:
+            self.installed_problem = (f"kernel {paths.kver} was built without loadable-module support "
+                                      f"(no {paths.proc}/modules) and has no module tree at {mdir}")
+        else:
+            self.installed_problem = f"there is no module tree at {mdir} (no modules.dep): is this kernel's package installed?"
+        self.index = KernelIndex(paths.index_root, paths.kver)
+        self.system_blacklist = (self.installed.blacklist() if self.installed else frozenset()) | _cmdline_blacklist(paths)
+        self.ignored_modules = frozenset(m.replace("-", "_") for m in config.ignore.modules)
+
+    @property
+    def no_module_support(self) -> bool:
+        return self.installed is None and not self.environment.module_support
+
+    # --- devices -----------------------------------------------------------------------
+
+    def diagnose(self, device: Device) -> Verdict:
+        if device.driver:
+            intentional = device.driver in INTENTIONAL_DRIVERS or bool(device.driver_override)
+            how = " (held on purpose, e.g. for a guest)" if intentional else ""
+            return Verdict("bound", f"bound to {device.driver}{how}", driver=device.driver, intentional=intentional)
+        if device.driver_override:
+            return Verdict("ignored", f"driver_override is set to {device.driver_override!r}: only that driver may bind "
+                                      f"(vfio/driverctl); clear it to let the kernel choose")
+        if device.companion_of:
+            return Verdict("ignored", f"an ACPI node: its physical device {device.companion_of} is judged instead")
+        if device.pci and device.pci.physfn and device.pci.sriov_drivers_autoprobe is False:
+            return Verdict("ignored", f"an SR-IOV virtual function of {os.path.basename(device.pci.physfn)}, whose "
+                                      f"sriov_drivers_autoprobe=0: its VFs are meant for guests")
+        if device.subsystem in self.config.ignore.subsystems:
+            return Verdict("ignored", f"excluded by policy: ignore.subsystems holds {device.subsystem!r}")
+        if device.id in self.config.ignore.devices or device.syspath in self.config.ignore.devices:
+            return Verdict("ignored", "excluded by policy: ignore.devices names this device")
+        try:
+            check_modalias(device.modalias)
+        except InvalidInput as exc:
+            return Verdict("unknown", f"the device reports a malformed modalias; nothing was looked up ({exc})")
+        return self.explain(device.modalias)
+
+    # --- modaliases --------------------------------------------------------------------
+
+    def explain(self, modalias: str) -> Verdict:
+        """The verdict for a modalias on an unbound device (no device facts needed)."""
+        check_modalias(modalias)
+        installed = self.installed.lookup_paths(modalias) if self.installed else []
+        if installed:
+            return self._installed_verdict(installed)
+        if self.no_module_support:
+            return Verdict("unknown", f"no built-in driver claimed it, and {self.installed_problem}: no package can add one")
+        if not self.index.exists:
+            why = "; ".join(str(e.message) for e in self.index.errors.values())
+            prefix = f"{self.installed_problem}; " if self.installed_problem else "no installed module matches; "
+            return Verdict("unindexed", prefix + (f"the index for {self.paths.kver} is unusable ({why}): rebuild it with 'kmodguard index build'"
+                                                  if why else f"there is no index for kernel {self.paths.kver}: build one with 'kmodguard index build'"))
+        found = self.index.lookup(modalias)
+        if not found:
+            names = ", ".join(p.name for p in self.index.packages)
+            return Verdict("unknown", f"no module in the installed tree or in the indexed packages ({names}) matches: "
+                                      f"this kernel has no driver for it")
+        return self._candidates_verdict(found)
+
+    def _installed_verdict(self, installed: list[tuple[str, str | None]]) -> Verdict:
+        names = [n for n, _ in installed]
+        blocked = self._blocked(names, package=None)
+        if len(blocked) == len(names):
+            return Verdict("ignored", "every matching module is blacklisted: " + "; ".join(
+                f"{n} ({why})" for n, why in blocked.items()), installed_modules=names, blacklisted=names)
+        usable = [(n, p) for n, p in installed if n not in blocked]
+        builtin = any(p is None for _, p in usable)
+        vendor = any(p and any(v in p for v in VENDOR_DIRS) for _, p in usable)
+        loaded = [n for n, _ in usable if (self.paths.sysfs / "module" / n).exists()]
+        first = usable[0][0]
+        if builtin:
+            reason = f"built-in driver {first} matches but did not bind it: see 'dmesg' for why"
+        elif loaded:
+            reason = f"{', '.join(loaded)} is loaded but did not bind it: see 'dmesg' (firmware, a refused probe)"
+        else:
+            kind = "vendor module" if vendor else "installed module"
+            reason = f"{kind} {first} matches and is not loaded: run 'modprobe {first}' or 'kmodguard fix'"
+        return Verdict("loadable", reason, installed_modules=names, builtin=builtin, vendor=vendor,
+                       blacklisted=sorted(blocked))
+
+    def _blocked(self, names: list[str], package: PackageIndex | None) -> dict[str, str]:
+        blocked = {}
+        for n in names:
+            if n in self.system_blacklist:
+                blocked[n] = "blacklisted in modprobe.d or on the kernel command line"
+            elif package is not None and n in package.blacklist:
+                blocked[n] = f"{package.name} blacklists it in its own modprobe.d"
+            elif n in self.ignored_modules:
+                blocked[n] = "excluded by policy (ignore.modules)"
+        return blocked
+
+    def _candidates_verdict(self, found: list[tuple[PackageIndex, list[str]]]) -> Verdict:
+        candidates, blocked_all = [], {}
+        for pkg, modules in found:
+            blocked = self._blocked(modules, pkg)
+            blocked_all.update(blocked)
+            for m in modules:
+                if m not in blocked:
+                    candidates.append(Candidate(m, pkg.name, pkg.version, pkg.request,
+                                                self._firmware_missing(pkg, m)))
+        if not candidates:
+            return Verdict("ignored", "every module that would drive it is blacklisted: " + "; ".join(
+                f"{n} ({why})" for n, why in blocked_all.items()), blacklisted=sorted(blocked_all))
+        first = candidates[0]
+        reason = f"no installed module matches; {first.module} in {first.package} {first.version} does"
+        if first.firmware_missing:
+            reason += f" (it names {len(first.firmware_missing)} firmware file(s) absent from /lib/firmware)"
+        return Verdict("missing", reason, candidates=candidates, blacklisted=sorted(blocked_all))
+
+    def _firmware_missing(self, pkg: PackageIndex, module: str) -> list[str]:
+        record = pkg.modules.get(module)
+        if record is None:
+            return []
+        dirs = self.paths.kernel_firmware_dirs
+        return [fw for fw in record.firmware
+                if not any((d / (fw + sfx)).exists() for d in dirs for sfx in ("", ".xz", ".zst"))]

@@ -1,0 +1,161 @@
+"""Build a package index from an extracted payload or from RPM files.
+
+Alias matching is libkmod's: depmod writes modules.alias.bin for the package's modules in a
+staging tree of symlinks (no copy of the modules), while this process reads each module's
+modinfo through libkmod for the metadata. Both run at once, on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import lzma
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidInput, KmodguardError
+from ..kmod import Context
+from . import store
+
+log = logging.getLogger(__name__)
+
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+MODPROBE_DIRS = ("etc/modprobe.d", "usr/lib/modprobe.d", "lib/modprobe.d")
+
+
+@dataclass(frozen=True)
+class PackageSource:
+    name: str
+    version: str
+    request: str
+    root: Path  # the extracted payload
+    origin: dict  # what it was built from, for `index show`
+
+
+def _tool(name: str) -> str:
+    for d in (*os.environ.get("PATH", "").split(":"), "/usr/sbin", "/sbin"):
+        candidate = os.path.join(d, name) if d else ""
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise KmodguardError(f"'{name}' is not installed", hint="install the kmod package (it provides depmod)")
+
+
+def modules_dir_of(root: Path, kver: str) -> Path:
+    for sub in ("lib/modules", "usr/lib/modules"):
+        d = root / sub / kver
+        if d.is_dir():
+            return d
+    raise InvalidInput(f"{root} holds no modules for kernel {kver}",
+                       hint=f"expected {root}/lib/modules/{kver} or {root}/usr/lib/modules/{kver}")
+
+
+def _find_modules(mdir: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(mdir):
+        dirnames.sort()
+        for f in sorted(filenames):
+            if f.endswith(MODULE_SUFFIXES):
+                found.append(Path(dirpath) / f)
+    return found
+
+
+def _stage(mdir: Path, kver: str, work: Path) -> Path:
+    """A tree depmod can index without copying: links to the payload's module directories
+    (depmod descends into them) and the empty files depmod insists on; its output lands here."""
+    stage_mdir = work / "stage" / "lib" / "modules" / kver
+    stage_mdir.mkdir(parents=True)
+    for entry in os.scandir(mdir):
+        if entry.is_dir() or entry.name.endswith(MODULE_SUFFIXES):
+            os.symlink(os.path.abspath(entry.path), stage_mdir / entry.name)
+    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        (stage_mdir / f).touch()
+    return stage_mdir
+
+
+def _modprobe_files(root: Path) -> list[Path]:
+    return sorted(f for d in MODPROBE_DIRS if (root / d).is_dir() for f in (root / d).glob("*.conf") if f.is_file())
+
+
+def build_package(index_root: Path, kver: str, source: PackageSource, progress=None) -> store.PackageIndex:
+    """Index one package's modules for kernel kver and publish it under index_root."""
+    store.valid_name("package name", source.name)
+    store.valid_name("kernel version", kver)
+    mdir = modules_dir_of(source.root, kver)
+    modules = _find_modules(mdir)
+    if not modules:
+        raise InvalidInput(f"{mdir} holds no kernel modules (.ko, .ko.xz, .ko.zst)")
+    Path(index_root).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{source.name}.", dir=index_root))
+    try:
+        stage_mdir = _stage(mdir, kver, work)
+        emptyconf = work / "depmod.d"
+        emptyconf.mkdir()
+        depmod = subprocess.Popen(
+            [_tool("depmod"), "-C", str(emptyconf), "-b", str(work / "stage"), kver],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "LC_ALL": "C"})
+        try:
+            records = _read_modinfo(stage_mdir, modules, mdir, progress)
+        finally:
+            _, err = depmod.communicate()
+        if depmod.returncode != 0:
+            raise KmodguardError(f"depmod failed on {source.name}: {err.decode(errors='replace').strip()}")
+
+        out = work / "index"
+        out.mkdir()
+        shutil.copyfile(stage_mdir / "modules.alias.bin", out / "modules.alias.bin")
+        # A package index answers aliases only: an empty index (depmod's own, for the empty
+        # modules.builtin) stands in for the dependency and built-in tables.
+        for name in store.KMOD_FILES[1:]:
+            shutil.copyfile(stage_mdir / "modules.builtin.bin", out / name)
+        conf_files = _modprobe_files(source.root)
+        blacklist: list[str] = []
+        if conf_files:
+            (out / "modprobe.d").mkdir()
+            for f in conf_files:
+                shutil.copyfile(f, out / "modprobe.d" / f.name)
+            blacklist = sorted(Context(stage_mdir, [str(out / "modprobe.d")]).blacklist())
+        (out / store.MODULES_FILE).write_bytes(
+            lzma.compress(json.dumps(records, separators=(",", ":"), sort_keys=True).encode(), preset=1))
+        meta = {
+            "format": store.FORMAT,
+            "version": store.VERSION,
+            "kernel": kver,
+            "package": {"name": source.name, "version": source.version, "request": source.request},
+            "blacklist": {"files": [f.name for f in conf_files], "modules": blacklist},
+            "modules": len(records),
+            "built": time.time(),
+            "source": source.origin,
+            "files": {f: store._sha256(out / f) for f in (*store.KMOD_FILES, store.MODULES_FILE)},
+        }
+        (out / store.META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        link = store.publish(index_root, kver, source.name, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return store.PackageIndex(link, kver)
+
+
+def _read_modinfo(stage_mdir: Path, modules: list[Path], mdir: Path, progress) -> dict:
+    ctx = Context(stage_mdir, [])
+    records = {}
+    for i, path in enumerate(modules, 1):
+        try:
+            info = ctx.module_info(path)
+        except KmodguardError as exc:
+            raise InvalidInput(f"{path} is not a readable kernel module: {exc}") from None
+        if info.name in records:
+            raise InvalidInput(f"module {info.name} appears twice: {records[info.name]['path']} and {path.relative_to(mdir)}")
+        records[info.name] = {
+            "path": str(path.relative_to(mdir)),
+            "size": info.size,
+            "aliases": list(info.aliases),
+            "firmware": list(info.firmware),
+            "depends": list(info.depends),
+        }
+        if progress and (i % 250 == 0 or i == len(modules)):
+            progress(f"read {i}/{len(modules)} modules")
+    return records

@@ -1,0 +1,68 @@
+"""C declarations of the part of libkmod (libkmod.h, kmod >= 25) that kmodguard uses.
+
+ABI mode: nothing is compiled at install time; libkmod.so.2 is opened at run time.
+"""
+
+CDEF = """
+struct kmod_ctx;
+struct kmod_module;
+struct kmod_list;
+
+enum kmod_filter {
+    KMOD_FILTER_BLACKLIST = 0x00001,
+    KMOD_FILTER_BUILTIN = 0x00002,
+};
+
+enum kmod_module_initstate {
+    KMOD_MODULE_BUILTIN = 0,
+    KMOD_MODULE_LIVE,
+    KMOD_MODULE_COMING,
+    KMOD_MODULE_GOING,
+};
+
+enum kmod_resources {
+    KMOD_RESOURCES_OK = 0,
+    KMOD_RESOURCES_MUST_RELOAD = 1,
+    KMOD_RESOURCES_MUST_RECREATE = 2,
+};
+
+struct kmod_ctx *kmod_new(const char *dirname, const char * const *config_paths);
+struct kmod_ctx *kmod_unref(struct kmod_ctx *ctx);
+int kmod_load_resources(struct kmod_ctx *ctx);
+int kmod_validate_resources(struct kmod_ctx *ctx);
+void kmod_set_log_priority(struct kmod_ctx *ctx, int priority);
+const char *kmod_get_dirname(const struct kmod_ctx *ctx);
+
+struct kmod_list *kmod_list_next(const struct kmod_list *list, const struct kmod_list *curr);
+
+int kmod_module_new_from_lookup(struct kmod_ctx *ctx, const char *given_alias,
+                                struct kmod_list **list);
+int kmod_module_new_from_name(struct kmod_ctx *ctx, const char *name,
+                              struct kmod_module **mod);
+int kmod_module_new_from_path(struct kmod_ctx *ctx, const char *path,
+                              struct kmod_module **mod);
+struct kmod_module *kmod_module_get_module(const struct kmod_list *entry);
+struct kmod_module *kmod_module_unref(struct kmod_module *mod);
+int kmod_module_unref_list(struct kmod_list *list);
+const char *kmod_module_get_name(const struct kmod_module *mod);
+const char *kmod_module_get_path(const struct kmod_module *mod);
+int kmod_module_get_initstate(const struct kmod_module *mod);
+int kmod_module_apply_filter(const struct kmod_ctx *ctx, enum kmod_filter filter_type,
+                             const struct kmod_list *input, struct kmod_list **output);
+
+int kmod_module_get_info(const struct kmod_module *mod, struct kmod_list **list);
+const char *kmod_module_info_get_key(const struct kmod_list *entry);
+const char *kmod_module_info_get_value(const struct kmod_list *entry);
+void kmod_module_info_free_list(struct kmod_list *list);
+
+struct kmod_config_iter;
+struct kmod_config_iter *kmod_config_get_blacklists(const struct kmod_ctx *ctx);
+const char *kmod_config_iter_get_key(const struct kmod_config_iter *iter);
+bool kmod_config_iter_next(struct kmod_config_iter *iter);
+void kmod_config_iter_free_iter(struct kmod_config_iter *iter);
+
+int kmod_module_probe_insert_module(struct kmod_module *mod, unsigned int flags,
+                                    const char *extra_options,
+                                    void *run_install, const void *data,
+                                    void *print_action);
+"""

@@ -1,0 +1,84 @@
+"""Every path kmodguard reads or writes, in one injectable object.
+
+Defaults are the real system's. Each can be moved by an environment variable and then by a
+command-line option (options win). Tests and image builders use these; shipped code has no
+"testing" branches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+ENVIRONMENT = {
+    "modules_dir": "KMODGUARD_MODULES_DIR",
+    "index_dir": "KMODGUARD_INDEX_DIR",
+    "state_dir": "KMODGUARD_STATE_DIR",
+    "runtime_dir": "KMODGUARD_RUNTIME_DIR",
+    "config_dir": "KMODGUARD_CONFIG_DIR",
+    "sysfs": "KMODGUARD_SYSFS",
+    "firmware_dirs": "KMODGUARD_FIRMWARE_DIRS",
+    "modprobe_dirs": "KMODGUARD_MODPROBE_DIRS",
+    "proc": "KMODGUARD_PROC",
+}
+
+
+def running_kernel() -> str:
+    return os.uname().release
+
+
+@dataclass(frozen=True)
+class Paths:
+    kver: str = field(default_factory=running_kernel)
+    modules_dir: Path | None = None  # None: /lib/modules/KVER
+    state_dir: Path = Path("/var/lib/kmodguard")
+    index_dir: Path | None = None  # None: STATE_DIR/index
+    runtime_dir: Path = Path("/run/kmodguard")
+    config_dir: Path = Path("/etc/kmodguard")
+    sysfs: Path = Path("/sys")
+    proc: Path = Path("/proc")
+    # where the kernel's firmware loader looks (drivers/base/firmware_loader/main.c)
+    firmware_dirs: tuple[Path, ...] = (
+        Path("/lib/firmware/updates/{kver}"),
+        Path("/lib/firmware/updates"),
+        Path("/lib/firmware/{kver}"),
+        Path("/lib/firmware"),
+    )
+    # None: libkmod's own defaults (/etc, /run, /usr/local/lib, /lib /modprobe.d)
+    modprobe_dirs: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_environment(cls, env=os.environ, **overrides) -> "Paths":
+        """Defaults, then KMODGUARD_* variables, then explicit overrides (options) that are not None."""
+        values = {}
+        for key, var in ENVIRONMENT.items():
+            if env.get(var):
+                raw = env[var]
+                if key in ("firmware_dirs", "modprobe_dirs"):
+                    values[key] = tuple(Path(p) if key == "firmware_dirs" else p for p in raw.split(":") if p)
+                else:
+                    values[key] = Path(raw)
+        values.update({k: (Path(v) if k.endswith("_dir") and v is not None else v)
+                       for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_kver(self, kver: str) -> "Paths":
+        return replace(self, kver=kver)
+
+    @property
+    def installed_modules(self) -> Path:
+        return self.modules_dir if self.modules_dir is not None else Path("/lib/modules") / self.kver
+
+    @property
+    def index_root(self) -> Path:
+        return self.index_dir if self.index_dir is not None else self.state_dir / "index"
+
+    @property
+    def kernel_firmware_dirs(self) -> tuple[Path, ...]:
+        return tuple(Path(str(d).replace("{kver}", self.kver)) for d in self.firmware_dirs)
+
+    @property
+    def snapshot(self) -> Path:
+        """The daemon's world-readable state snapshot."""
+        return self.runtime_dir / "state.json"
