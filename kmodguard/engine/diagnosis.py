@@ -146,10 +146,9 @@ class Diagnoser:
         if device.id in self.config.ignore.devices or device.syspath in self.config.ignore.devices:
             return Verdict("ignored", "excluded by policy: ignore.devices names this device")
         try:
-            check_modalias(device.modalias)
+            return self.explain(device.modalias)
         except InvalidInput as exc:
-            return Verdict("unknown", f"the device reports a malformed modalias; nothing was looked up ({exc})")
-        return self.explain(device.modalias)
+            return Verdict("unknown", f"the device reports a malformed modalias; nothing can match it ({exc.message})")
 
     # --- modaliases --------------------------------------------------------------------
 
@@ -167,6 +166,10 @@ class Diagnoser:
             return Verdict("unindexed", prefix + (f"the index for {self.paths.kver} is unusable ({why}): rebuild it with 'kmodguard index build'"
                                                   if why else f"there is no index for kernel {self.paths.kver}: build one with 'kmodguard index build'"))
         found = self.index.lookup(modalias)
+        if not found and self.index.errors:
+            broken = "; ".join(e.message for e in self.index.errors.values())
+            return Verdict("unindexed", f"no installed or indexed module matches, but part of the index is unusable "
+                                        f"({broken}): rebuild it with 'kmodguard index build'")
         if not found:
             names = ", ".join(p.name for p in self.index.packages)
             return Verdict("unknown", f"no module in the installed tree or in the indexed packages ({names}) matches: "

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 from cffi import FFI
 
-from ..errors import KmodError
+from ..errors import InvalidInput, KmodError
 from ._cdef import CDEF
 
 ffi = FFI()
@@ -134,8 +134,10 @@ class Context:
         """(name, path) for each module matching alias; path is None for a built-in module."""
         lib = self._lib
         out = ffi.new("struct kmod_list **")
-        _check(lib.kmod_module_new_from_lookup(self._ctx, alias.encode("utf-8", "surrogateescape"), out),
-               f"looking up {alias!r} in {self.dirname}")
+        rc = lib.kmod_module_new_from_lookup(self._ctx, alias.encode("utf-8", "surrogateescape"), out)
+        if rc == -errno.EINVAL:  # libkmod's own verdict on the string (e.g. an unbalanced '[')
+            raise InvalidInput(f"libkmod refuses {alias[:60]!r} as an alias")
+        _check(rc, f"looking up {alias!r} in {self.dirname}")
         seen: dict[str, str | None] = {}
         with _ModuleList(lib, out[0]) as modules:
             for mod in modules:

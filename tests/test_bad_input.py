@@ -1,0 +1,111 @@
+"""Hostile and malformed input: a clear message and a documented exit code, never a traceback."""
+
+import string
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kmodguard.config import Config
+from kmodguard.engine.diagnosis import Diagnoser, check_modalias
+from kmodguard.engine.environment import detect
+from kmodguard.errors import InvalidInput
+from kmodguard.paths import Paths
+
+
+@pytest.mark.parametrize("value, message", [
+    ("", "empty"),
+    ("x" * 5000, "characters long"),
+    ("pci:v0000\x01", "contains"),
+    ("pci:v0000 d0000", "contains"),
+    ("pci:v\u00e9", "contains"),
+    ("pci:v\udcff", "contains"),  # a non-UTF-8 byte read with surrogateescape
+    ("nocolon", "must start with a bus name"),
+    ("PCI:v0000", "must start with a bus name"),
+    (":v0000", "must start with a bus name"),
+])
+def test_malformed_modaliases_are_refused(value, message):
+    with pytest.raises(InvalidInput) as exc:
+        check_modalias(value)
+    assert message in exc.value.message
+
+
+@pytest.mark.parametrize("value", ["pci:$(reboot);rm -rf /", "usb:`id`|&&", "of:N(null)T(null)Cvendor,x"])
+def test_shell_metacharacters_are_just_characters(indexed, world, value):
+    value = value.replace(" ", "")
+    out = indexed("explain", "--json", "--kver", world.kver, value, check_code=0).json
+    assert out["results"][0]["verdict"] == "unknown"
+
+
+@pytest.fixture(scope="module")
+def diagnoser(world, tmp_path_factory):
+    from synthetic import make_world  # noqa: F401  (the world fixture built the trees)
+    paths = Paths(kver=world.kver, modules_dir=world.installed, index_dir=tmp_path_factory.mktemp("noindex"),
+                  modprobe_dirs=(str(world.modprobe_d),), firmware_dirs=(world.firmware,))
+    return Diagnoser(paths, Config(), detect(paths))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=300) | st.binary(max_size=300).map(lambda b: b.decode("utf-8", "surrogateescape")))
+def test_any_string_is_refused_or_judged(diagnoser, value):
+    try:
+        verdict = diagnoser.explain(value)
+    except InvalidInput:
+        return
+    assert verdict.verdict in ("loadable", "unindexed", "unknown", "ignored", "missing")
+
+
+bus = st.text(alphabet=string.ascii_lowercase + string.digits + "_", min_size=1, max_size=12)
+body = st.text(alphabet="".join(chr(c) for c in range(0x21, 0x7F)), max_size=200)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bus, body)
+def test_well_formed_modaliases_with_glob_characters_never_break_libkmod(diagnoser, b, rest):
+    try:
+        verdict = diagnoser.explain(f"{b}:{rest}")  # '*', '?', '[' in input are data, not patterns
+    except InvalidInput as exc:
+        assert "libkmod refuses" in exc.message  # e.g. an unbalanced '['
+        return
+    assert verdict.verdict in ("loadable", "unindexed", "unknown", "ignored")
+
+
+def test_libkmod_refusal_is_an_input_error(diagnoser):
+    with pytest.raises(InvalidInput, match="libkmod refuses"):
+        diagnoser.explain("pci:v0000[")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.binary(min_size=1, max_size=80), min_size=1, max_size=5))
+def test_cli_explain_on_arbitrary_stdin(indexed, world, lines):
+    res = indexed("explain", "--json", "--kver", world.kver, "-", input=b"\n".join(lines))
+    assert res.returncode in (0, 2, 3)
+    doc = res.json
+    if res.returncode == 2:
+        assert doc["error"]["name"] == "InvalidInput" and "stdin line" in doc["error"]["message"]
+    else:
+        assert all(r["verdict"] for r in doc["results"])
+
+
+def test_usage_errors_exit_2_with_a_json_document(kmodguard):
+    res = kmodguard("status", "--json", "--no-such-option")
+    assert res.returncode == 2
+    assert res.json["error"]["name"] == "InvalidInput"
+    assert "unrecognized arguments" in res.json["error"]["message"]
+    assert kmodguard("explain").returncode == 2
+    assert kmodguard().returncode == 2
+
+
+def test_help_documents_exit_codes_and_environment(kmodguard):
+    out = kmodguard("--help", check_code=0).stdout
+    for code in ("0  success", "3  success, and some device needs", "5  the package for this kernel"):
+        assert code in out
+    assert "KMODGUARD_INDEX_DIR" in out
+    assert "exit status" in kmodguard("status", "--help", check_code=0).stdout
+
+
+def test_missing_modules_dir_is_stated_plainly(kmodguard, world, tmp_path):
+    kmodguard.env["KMODGUARD_MODULES_DIR"] = str(tmp_path / "gone")
+    out = kmodguard("explain", "--json", "--kver", world.kver, "pci:v0000AAAAd00000001sv0sd0bc02sc00i00").json
+    assert out["results"][0]["verdict"] in ("unindexed", "unknown")
+    assert str(tmp_path / "gone") in out["results"][0]["reason"]
