@@ -6,9 +6,8 @@ options that arrive over D-Bus, so every bad value gets the same clear message.
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import InvalidInput
 
@@ -27,30 +26,27 @@ DEFAULT_PACKAGES = (
 )
 
 
-@dataclass(frozen=True)
-class Timeouts:
+class Timeouts(NamedTuple):
     package_manager: float = 900.0  # one whole transaction
     lock_wait: float = 300.0  # waiting for another package manager to finish
     settle: float = 2.0  # after a hotplug event, before calling a device unbound
     dracut: float = 600.0
 
 
-@dataclass(frozen=True)
-class Ignore:
+class Ignore(NamedTuple):
     # CPU modaliases select optional feature modules; a CPU device is never bound to a driver.
     subsystems: tuple[str, ...] = ("cpu",)
     devices: tuple[str, ...] = ()  # device ids (PCI address) or syspaths
     modules: tuple[str, ...] = ()  # modules never to install or load
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     mode: str = "offer"
     auto_buses: tuple[str, ...] = ("pci", "virtio", "vmbus")
     packages: tuple[str, ...] = DEFAULT_PACKAGES
     initramfs: str = "auto"
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    ignore: Ignore = field(default_factory=Ignore)
+    timeouts: Timeouts = Timeouts()
+    ignore: Ignore = Ignore()
     sources: tuple[str, ...] = ()  # the files read, for status and error messages
 
     def package_allowed(self, name: str) -> bool:
@@ -99,14 +95,14 @@ def validate(raw: dict, where: str = "configuration") -> Config:
         kw["initramfs"] = _choice(f"{where}: initramfs", raw["initramfs"], INITRAMFS)
     if "timeouts" in raw:
         t = _table(f"{where}: timeouts", raw["timeouts"])
-        names = Timeouts.__dataclass_fields__
+        names = Timeouts._fields
         for key in t:
             if key not in names:
                 raise InvalidInput(f"{where}: unknown key timeouts.{key} (known: {', '.join(names)})")
         kw["timeouts"] = Timeouts(**{k: _seconds(f"{where}: timeouts.{k}", v) for k, v in t.items()})
     if "ignore" in raw:
         t = _table(f"{where}: ignore", raw["ignore"])
-        names = Ignore.__dataclass_fields__
+        names = Ignore._fields
         for key in t:
             if key not in names:
                 raise InvalidInput(f"{where}: unknown key ignore.{key} (known: {', '.join(names)})")
@@ -129,15 +125,19 @@ def load(config_dir: Path) -> Config:
     read = []
     for path in files:
         try:
-            data = tomllib.loads(path.read_text("utf-8"))
+            text = path.read_text("utf-8")
         except FileNotFoundError:
             continue
         except (OSError, UnicodeDecodeError) as exc:
             raise InvalidInput(f"cannot read {path}: {exc}") from None
+        import tomllib  # only when there is a file to read
+
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise InvalidInput(f"{path} is not valid TOML: {exc}") from None
         validate(data, str(path))  # name the file that holds a bad value
         merged = _merge(merged, data)
         read.append(str(path))
     config = validate(merged)
-    return Config(**{**config.__dict__, "sources": tuple(read)})
+    return config._replace(sources=tuple(read))

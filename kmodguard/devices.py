@@ -7,7 +7,7 @@ surrogateescape, never handed to a shell, and validated before it reaches libkmo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import pyudev
 
@@ -31,8 +31,7 @@ def _hex(value: str | None) -> int | None:
         return None
 
 
-@dataclass(frozen=True)
-class PciFacts:
+class PciFacts(NamedTuple):
     vendor: int | None = None
     device: int | None = None
     subsystem_vendor: int | None = None
@@ -57,8 +56,7 @@ class PciFacts:
         }
 
 
-@dataclass(frozen=True)
-class Device:
+class Device(NamedTuple):
     syspath: str
     subsystem: str
     sysname: str
@@ -66,7 +64,7 @@ class Device:
     driver: str | None = None
     driver_override: str | None = None
     companion_of: str | None = None  # for ACPI nodes: the physical device judged instead
-    pci: PciFacts | None = field(default=None)
+    pci: PciFacts | None = None
 
     @property
     def id(self) -> str:
@@ -152,10 +150,24 @@ def from_udev(device: pyudev.Device) -> Device | None:
 
 
 def enumerate_devices(context: pyudev.Context | None = None) -> list[Device]:
-    """Every device with a MODALIAS, on every bus, sorted by syspath."""
+    """Every device with a MODALIAS on every bus, sorted by syspath.
+
+    Only bus devices bind drivers; class devices (input, ...) carry modaliases for handler
+    modules but never a driver link, so they are left out. Naming every bus also spares
+    libudev a scan of /sys/class (a third of the time).
+    """
     context = context or pyudev.Context()
+    try:
+        buses = sorted(os.listdir(os.path.join(context.sys_path, "bus")))
+    except OSError:
+        return []
+    if not buses:
+        return []
+    enumerator = context.list_devices().match_property("MODALIAS", "*")
+    for bus in buses:
+        enumerator.match_subsystem(bus)
     found = []
-    for udev_device in context.list_devices().match_property("MODALIAS", "*"):
+    for udev_device in enumerator:
         device = from_udev(udev_device)
         if device is not None:
             found.append(device)

@@ -8,7 +8,7 @@ command-line option (options win). Tests and image builders use these; shipped c
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 from pathlib import Path
 
 ENVIRONMENT = {
@@ -28,9 +28,8 @@ def running_kernel() -> str:
     return os.uname().release
 
 
-@dataclass(frozen=True)
-class Paths:
-    kver: str = field(default_factory=running_kernel)
+class Paths(NamedTuple):
+    kver: str = ""  # "": the running kernel (see from_environment)
     modules_dir: Path | None = None  # None: /lib/modules/KVER
     state_dir: Path = Path("/var/lib/kmodguard")
     index_dir: Path | None = None  # None: STATE_DIR/index
@@ -61,10 +60,11 @@ class Paths:
                     values[key] = Path(raw)
         values.update({k: (Path(v) if k.endswith("_dir") and v is not None else v)
                        for k, v in overrides.items() if v is not None})
+        values.setdefault("kver", running_kernel())
         return cls(**values)
 
     def with_kver(self, kver: str) -> "Paths":
-        return replace(self, kver=kver)
+        return self._replace(kver=kver)
 
     @property
     def installed_modules(self) -> Path:

@@ -20,11 +20,14 @@ def make_paths(args) -> Paths:
     )
 
 
-def _engine(args):
+def _engine(args, meanwhile=lambda: None):
+    """Paths, environment and a Diagnoser; `meanwhile` runs while the environment is probed."""
     paths = make_paths(args)
     policy = config_mod.load(paths.config_dir)
-    env = environment.detect(paths)
-    return paths, env, Diagnoser(paths, policy, env)
+    pending = environment.start_detect(paths)
+    extra = meanwhile()
+    env = pending()
+    return paths, env, Diagnoser(paths, policy, env), extra
 
 
 def _index_json(diagnoser: Diagnoser) -> dict:
@@ -53,8 +56,8 @@ def _exit_for(verdicts) -> int:
 def status(args) -> int:
     from ..devices import enumerate_devices
 
-    paths, env, diagnoser = _engine(args)
-    judged = [(d, diagnoser.diagnose(d)) for d in enumerate_devices()]
+    paths, env, diagnoser, devices = _engine(args, meanwhile=enumerate_devices)
+    judged = [(d, diagnoser.diagnose(d)) for d in devices]
     if args.json:
         emit_json({
             "kernel": paths.kver,
@@ -151,7 +154,7 @@ def _checked(value: str, where: str) -> str:
 
 def explain(args) -> int:
     modaliases = _read_modaliases(args.modaliases)
-    paths, env, diagnoser = _engine(args)
+    paths, env, diagnoser, _ = _engine(args)
     results = [(m, diagnoser.explain(m)) for m in modaliases]
     if args.json:
         emit_json({"kernel": paths.kver, "results": [{"modalias": m, **v.as_json()} for m, v in results]})

@@ -8,8 +8,7 @@ indexed package's alias table with the package's own modprobe.d.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import NamedTuple
 
 from ..config import Config
 from ..devices import INTENTIONAL_DRIVERS, Device
@@ -40,36 +39,34 @@ def check_modalias(value: str) -> str:
     return value
 
 
-@dataclass
-class Candidate:
+class Candidate(NamedTuple):
     module: str
     package: str
     version: str
     request: str
-    firmware_missing: list[str] = field(default_factory=list)
+    firmware_missing: tuple[str, ...] = ()
 
     def as_json(self) -> dict:
         return {"module": self.module, "package": self.package, "version": self.version,
-                "request": self.request, "firmware_missing": self.firmware_missing}
+                "request": self.request, "firmware_missing": list(self.firmware_missing)}
 
 
-@dataclass
-class Verdict:
+class Verdict(NamedTuple):
     verdict: str
     reason: str
-    installed_modules: list[str] = field(default_factory=list)
-    candidates: list[Candidate] = field(default_factory=list)
+    installed_modules: tuple[str, ...] = ()
+    candidates: tuple[Candidate, ...] = ()
     driver: str | None = None
     intentional: bool = False
     builtin: bool = False
     vendor: bool = False
-    blacklisted: list[str] = field(default_factory=list)
+    blacklisted: tuple[str, ...] = ()
 
     def as_json(self) -> dict:
         doc = {
             "verdict": self.verdict,
             "reason": self.reason,
-            "installed_modules": self.installed_modules,
+            "installed_modules": list(self.installed_modules),
             "candidates": [c.as_json() for c in self.candidates],
         }
         if self.verdict == "bound":
@@ -78,7 +75,7 @@ class Verdict:
             doc["builtin"] = self.builtin
             doc["vendor"] = self.vendor
         if self.blacklisted:
-            doc["blacklisted"] = self.blacklisted
+            doc["blacklisted"] = list(self.blacklisted)
         return doc
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..paths import Paths
 
 
-@dataclass(frozen=True)
-class Environment:
+class Environment(NamedTuple):
     container: str | None  # systemd-detect-virt's name for it, or None
     image_mode: str | None  # "ostree" (rpm-ostree, bootc) or None
     module_support: bool  # the running kernel loads modules (/proc/modules exists)
@@ -45,19 +44,37 @@ class Environment:
         }
 
 
-def _container(env) -> str | None:
+def _container(env):
+    """Start finding out whether this is a container; returns a function that gives the answer.
+
+    systemd-detect-virt runs while the caller does other work (it costs a few milliseconds).
+    """
     forced = env.get("KMODGUARD_CONTAINER")  # image builders: judge a chroot as the target machine
     if forced:
-        return None if forced == "none" else forced
+        return lambda: None if forced == "none" else forced
     tool = shutil.which("systemd-detect-virt")
     if tool:
         try:
-            out = subprocess.run([tool, "--container"], capture_output=True, text=True, timeout=5)
-            name = out.stdout.strip()
-            return None if out.returncode != 0 or name in ("", "none") else name
-        except (OSError, subprocess.SubprocessError):
-            pass
-    # Without systemd: the files container managers leave behind.
+            proc = subprocess.Popen([tool, "--container"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            return _container_markers
+
+        def answer():
+            try:
+                out, _ = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                return _container_markers()
+            name = out.strip()
+            return None if proc.returncode != 0 or name in ("", "none") else name
+
+        return answer
+    return _container_markers
+
+
+def _container_markers() -> str | None:
+    """Without systemd: the files container managers leave behind."""
     for marker, name in (("/run/.containerenv", "podman"), ("/.dockerenv", "docker")):
         if os.path.exists(marker):
             return name
@@ -93,9 +110,19 @@ def _package_manager(os_release: Path = Path("/etc/os-release")) -> str | None:
 
 
 def detect(paths: Paths, env=os.environ) -> Environment:
+    return start_detect(paths, env)()
+
+
+def start_detect(paths: Paths, env=os.environ):
+    """Begin detecting the environment; call the result to get it (lets slow probes overlap other work)."""
+    container = _container(env)
+    return lambda: _environment(paths, container())
+
+
+def _environment(paths: Paths, container: str | None) -> Environment:
     image_mode = "ostree" if os.path.exists("/run/ostree-booted") else None
     return Environment(
-        container=_container(env),
+        container=container,
         image_mode=image_mode,
         module_support=(paths.proc / "modules").exists(),
         modules_dir=paths.installed_modules,

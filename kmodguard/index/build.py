@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from ..errors import InvalidInput, KmodguardError
@@ -28,8 +28,7 @@ MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 MODPROBE_DIRS = ("etc/modprobe.d", "usr/lib/modprobe.d", "lib/modprobe.d")
 
 
-@dataclass(frozen=True)
-class PackageSource:
+class PackageSource(NamedTuple):
     name: str
     version: str
     request: str

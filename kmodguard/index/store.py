@@ -11,16 +11,12 @@ A package directory is a kmod-format module directory that libkmod opens as it i
 
 from __future__ import annotations
 
-import hashlib
 import json
-import lzma
 import os
-import secrets
-import shutil
 import time
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import IndexCorrupt, InvalidInput
 from ..kmod import Context
@@ -34,6 +30,8 @@ META_FILE = "index.json"
 
 
 def _sha256(path: Path) -> str:
+    import hashlib
+
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -46,8 +44,7 @@ def valid_name(kind: str, value: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class ModuleRecord:
+class ModuleRecord(NamedTuple):
     name: str
     path: str
     size: int
@@ -122,11 +119,13 @@ class PackageIndex:
 
     @cached_property
     def modules(self) -> dict[str, ModuleRecord]:
+        import lzma
+
         try:
             raw = json.loads(lzma.decompress((self.path / MODULES_FILE).read_bytes()))
             return {n: ModuleRecord(n, m["path"], int(m["size"]), tuple(m["aliases"]), tuple(m["firmware"]),
                                     tuple(m["depends"])) for n, m in raw.items()}
-        except (OSError, lzma.LZMAError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, EOFError, lzma.LZMAError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IndexCorrupt(f"index {self.link} is corrupt: {MODULES_FILE}: {exc}",
                                hint="rebuild it with 'kmodguard index build'") from None
 
@@ -204,6 +203,9 @@ def publish(root: Path, kver: str, package: str, staged: Path) -> Path:
     rename(2): a reader sees the old index or the new one, never a mix. A kill at any moment
     leaves at most an unreferenced .generation behind, which the next publish removes.
     """
+    import secrets
+    import shutil
+
     kdir = Path(root) / valid_name("kernel version", kver)
     kdir.mkdir(parents=True, exist_ok=True)
     link = kdir / valid_name("package name", package)
@@ -231,6 +233,8 @@ def publish(root: Path, kver: str, package: str, staged: Path) -> Path:
 
 
 def remove(root: Path, kver: str, package: str) -> bool:
+    import shutil
+
     kdir = Path(root) / kver
     link = kdir / package
     if not link.is_symlink():

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
-
-from cffi import FFI
+from typing import NamedTuple, Sequence
 
 from ..errors import InvalidInput, KmodError
-from ._cdef import CDEF
 
-ffi = FFI()
-ffi.cdef(CDEF)
+try:  # generated at build time by _build.py (cffi out-of-line ABI mode)
+    from ._libkmod import ffi
+except ImportError:  # a bare source tree: parse the declarations now (about 35 ms)
+    from cffi import FFI
+
+    from ._cdef import CDEF
+
+    ffi = FFI()
+    ffi.cdef(CDEF)
 _lib = None
 
 
@@ -45,8 +48,7 @@ PROBE_APPLY_BLACKLIST = 0x00004  # KMOD_PROBE_APPLY_BLACKLIST: refuse a blacklis
 PROBE_IGNORE_LOADED = 0x00010  # KMOD_PROBE_IGNORE_LOADED: already loaded is not an error
 
 
-@dataclass(frozen=True)
-class ModuleInfo:
+class ModuleInfo(NamedTuple):
     """What modinfo tells of one module file."""
 
     name: str
@@ -55,7 +57,6 @@ class ModuleInfo:
     aliases: tuple[str, ...] = ()
     firmware: tuple[str, ...] = ()
     depends: tuple[str, ...] = ()
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 class _ModuleList:
