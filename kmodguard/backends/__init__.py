@@ -1,0 +1,44 @@
+"""Package managers behind one small protocol.
+
+A backend never sees device data: requests come from the index (the exact-version provide,
+e.g. 'kernel-modules-uname-r = 6.11.4-301.fc41.x86_64') and package names pass the allow-list
+before a backend is asked. Every subprocess gets an argument list, LC_ALL=C and a timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Protocol
+
+Progress = Callable[[str], None]
+
+
+class Offer(NamedTuple):
+    """What the repositories say about one request."""
+
+    request: str
+    available: bool
+    nevra: str | None = None  # what would be installed
+    download_size: int | None = None  # bytes, when the metadata tells
+    installed_size: int | None = None
+
+
+class InstallResult(NamedTuple):
+    installed: tuple[str, ...]  # the requests now satisfied
+    log: str  # the package manager's output, for the journal
+    transaction_id: str | None = None  # e.g. dnf history id, when known
+
+
+class Backend(Protocol):
+    name: str
+
+    def is_installed(self, request: str) -> bool:
+        """Is the request satisfied by the package database right now (convergence checks)?"""
+
+    def query(self, requests: list[str]) -> list[Offer]:
+        """Availability and sizes; never installs. Raises KmodguardError on failure."""
+
+    def install(self, requests: list[str], *, comment: str, timeout: float, lock_wait: float,
+                progress: Progress) -> InstallResult:
+        """One transaction for all requests; signature checks on. Raises PackageUnavailable when
+        a request is in no repository, Busy when the package lock stayed held past lock_wait,
+        KmodguardError on any other failure (message says what to do)."""
