@@ -12,6 +12,7 @@ from typing import NamedTuple
 from .errors import InvalidInput
 
 MODES = ("off", "offer", "auto")
+BACKENDS = ("auto", "dnf", "dnf5", "packagekit", "apt", "zypper")
 INITRAMFS = ("auto", "always", "never")
 DEFAULT_PACKAGES = (
     # Fedora / RHEL / Amazon Linux and their variants (+debug, +rt, aarch64 +16k/+64k)
@@ -45,6 +46,7 @@ class Config(NamedTuple):
     auto_buses: tuple[str, ...] = ("pci", "virtio", "vmbus")
     packages: tuple[str, ...] = DEFAULT_PACKAGES
     initramfs: str = "auto"
+    backend: str = "auto"  # which package manager; auto: the distribution's own
     timeouts: Timeouts = Timeouts()
     ignore: Ignore = Ignore()
     sources: tuple[str, ...] = ()  # the files read, for status and error messages
@@ -80,7 +82,7 @@ def _table(where: str, value) -> dict:
 
 def validate(raw: dict, where: str = "configuration") -> Config:
     """A Config from a merged mapping; every unknown key or bad value is an InvalidInput."""
-    known = {"mode", "auto_buses", "packages", "initramfs", "timeouts", "ignore"}
+    known = {"mode", "auto_buses", "packages", "initramfs", "backend", "timeouts", "ignore"}
     for key in raw:
         if key not in known:
             raise InvalidInput(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
@@ -93,6 +95,8 @@ def validate(raw: dict, where: str = "configuration") -> Config:
         kw["packages"] = _strings(f"{where}: packages", raw["packages"])
     if "initramfs" in raw:
         kw["initramfs"] = _choice(f"{where}: initramfs", raw["initramfs"], INITRAMFS)
+    if "backend" in raw:
+        kw["backend"] = _choice(f"{where}: backend", raw["backend"], BACKENDS)
     if "timeouts" in raw:
         t = _table(f"{where}: timeouts", raw["timeouts"])
         names = Timeouts._fields

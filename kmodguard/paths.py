@@ -21,6 +21,10 @@ ENVIRONMENT = {
     "firmware_dirs": "KMODGUARD_FIRMWARE_DIRS",
     "modprobe_dirs": "KMODGUARD_MODPROBE_DIRS",
     "proc": "KMODGUARD_PROC",
+    "root": "KMODGUARD_ROOT",
+    "boot_dir": "KMODGUARD_BOOT_DIR",
+    "dracut_conf_dir": "KMODGUARD_DRACUT_CONF_DIR",
+    "kmsg": "KMODGUARD_KMSG",
 }
 
 
@@ -46,6 +50,10 @@ class Paths(NamedTuple):
     )
     # None: libkmod's own defaults (/etc, /run, /usr/local/lib, /lib /modprobe.d)
     modprobe_dirs: tuple[str, ...] | None = None
+    root: Path = Path("/")  # where packages are installed (a package manager's --installroot)
+    boot_dir: Path = Path("/boot")  # initramfs images
+    dracut_conf_dir: Path = Path("/etc/dracut.conf.d")
+    kmsg: Path = Path("/dev/kmsg")  # the kernel log, for why a driver refused a device
 
     @classmethod
     def from_environment(cls, env=os.environ, **overrides) -> "Paths":

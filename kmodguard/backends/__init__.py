@@ -42,3 +42,34 @@ class Backend(Protocol):
         """One transaction for all requests; signature checks on. Raises PackageUnavailable when
         a request is in no repository, Busy when the package lock stayed held past lock_wait,
         KmodguardError on any other failure (message says what to do)."""
+
+
+def choose(name: str, package_manager: str | None, root=None) -> Backend:
+    """The backend by policy name ("auto": the distribution's own package manager)."""
+    from pathlib import Path
+
+    from ..errors import KmodguardError
+
+    root = Path(root or "/")
+    if name == "auto":
+        name = {"dnf5": "dnf5", "dnf": "dnf", "zypper": "zypper", "apt-get": "apt"}.get(package_manager or "", "")
+        if not name:
+            raise KmodguardError("no supported package manager found (dnf, dnf5, zypper, apt-get, PackageKit)",
+                                 hint="set 'backend' in /etc/kmodguard/kmodguard.toml")
+    if name in ("dnf", "dnf5"):
+        from .dnf import DnfBackend
+
+        return DnfBackend(name, root)
+    if name == "packagekit":
+        from .packagekit import PackageKitBackend
+
+        return PackageKitBackend()
+    if name == "apt":
+        from .apt import AptBackend
+
+        return AptBackend(root)
+    if name == "zypper":
+        from .zypper import ZypperBackend
+
+        return ZypperBackend(root)
+    raise KmodguardError(f"unknown package backend {name!r}")

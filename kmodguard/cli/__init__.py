@@ -100,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("modaliases", nargs="+", metavar="MODALIAS", help="a modalias, or - for stdin")
     explain.set_defaults(func="explain")
 
+    fix = command("fix", "install the package, load the driver, check the device is bound", """\
+        Turn 'missing' and 'loadable' verdicts into bound devices: install the package that has the
+        driver (ONE transaction for all devices, asked for by its exact-version provide), run depmod
+        if the package did not, load the module, re-probe each device and check it is bound, and
+        regenerate the initramfs when a device is needed before the real root is mounted.
+        --dry-run prints the plan and touches nothing (no root needed). Every run converges from the
+        system's state: after an interruption, running it again does only what is still missing.
+        DEVICE is a device id (a PCI address such as 0000:00:05.0) or a syspath; default: every
+        device that needs it (devices backing off after failures are left out unless named).""")
+    fix.add_argument("devices", nargs="*", metavar="DEVICE", help="device ids or syspaths")
+    fix.add_argument("--dry-run", action="store_true", default=False, help="print the plan only")
+    fix.add_argument("-y", "--yes", action="store_true", default=False, help="do not ask for confirmation")
+    fix.add_argument("--backend", choices=("auto", "dnf", "dnf5", "packagekit", "apt", "zypper"), default=None,
+                     help="package manager to use (default: policy 'backend', else the distribution's)")
+    fix.set_defaults(func="fix")
+
     index = command("index", "build and inspect the package index", """\
         kmodguard keeps, per kernel version and per package, an index of the modules in kernel
         module packages that are not installed, so that it can name the package a device needs.""")
@@ -118,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--request", metavar="REQ",
                        help="what the package manager is asked for to install exactly this package, "
                             "e.g. 'kernel-modules-uname-r = KVER' (with --from-dir; default: NAME, or 'NAME = V')")
+    build.add_argument("--rebuilds-initramfs", action="store_true", default=False,
+                       help="the package's install scriptlet regenerates the initramfs (with --from-dir; "
+                            "an RPM's scriptlet is read from the file)")
     build.set_defaults(func="index_build")
     lst = isub.add_parser("list", help="kernels and packages indexed", parents=[common], formatter_class=fmt,
                           epilog=EXIT_CODES, description="List every indexed kernel and its packages.")

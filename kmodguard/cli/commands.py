@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -189,11 +190,12 @@ def index_build(args) -> int:
         root = Path(args.from_dir)
         if not root.is_dir():
             raise InvalidInput(f"--from-dir {root}: no such directory")
-        source = builder.PackageSource(args.package, version, request, root, {"from-dir": str(root.resolve())})
+        source = builder.PackageSource(args.package, version, request, root, {"from-dir": str(root.resolve())},
+                                       args.rebuilds_initramfs)
         progress(f"indexing {args.package} for kernel {kver}")
         built.append(builder.build_package(paths.index_root, kver, source, progress))
     else:
-        if args.package or args.pkg_version or args.request:
+        if args.package or args.pkg_version or args.request or args.rebuilds_initramfs:
             raise InvalidInput("--package, --version and --request go with --from-dir; an RPM names itself")
         from ..index import rpmfile
 
@@ -292,3 +294,101 @@ def index_remove(args) -> int:
     if missing:
         raise InvalidInput(f"not indexed for {paths.kver}: {', '.join(missing)}")
     return ExitCode.OK
+
+
+# --- fix ----------------------------------------------------------------------------------
+
+def _size(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1048576:.1f} MiB" if n >= 1048576 else f"{n / 1024:.0f} KiB"
+
+
+def _print_plan(plan, env) -> None:
+    if not plan.devices:
+        print("nothing to fix: no device needs a package or a module")
+        return
+    for d in plan.devices:
+        extra = f" (needed at boot: {d.boot_critical})" if d.boot_critical else ""
+        print(f"  {safe(d.id, 60)}: {d.action}: {safe(d.reason)}{extra}")
+    if plan.install:
+        print("install (one transaction):")
+        for p in plan.install:
+            sizes = f"  download {_size(p.download_size)}, installed {_size(p.installed_size)}" \
+                if p.download_size or p.installed_size else ""
+            print(f"  {p.request}  ({p.package} {p.version}){sizes}")
+    if plan.load:
+        print(f"load: {' '.join(plan.load)}")
+    i = plan.initramfs
+    print(f"initramfs: {'rebuild by ' + i.by if i.rebuild else 'unchanged'}: {i.reason}")
+    if plan.blocked:
+        print(f"Note: {plan.blocked}: nothing will be installed or loaded.")
+
+
+def fix(args) -> int:
+    from .. import initramfs
+    from ..backends import choose
+    from ..devices import enumerate_devices, find_device
+    from ..engine.plan import make_plan
+    from ..engine.state import Backoff
+    from ..errors import KmodguardError, NotAuthorized
+
+    paths = make_paths(args)
+    policy = config_mod.load(paths.config_dir)
+    env = environment.detect(paths)
+    diagnoser = Diagnoser(paths, policy, env)
+    if args.devices:
+        devices = []
+        for ref in args.devices:
+            device = find_device(ref)
+            if device is None:
+                raise InvalidInput(f"no device {ref!r}", hint="'kmodguard status' lists device ids")
+            devices.append(device)
+    else:
+        backoff = Backoff(paths.state_dir)
+        devices = [d for d in enumerate_devices() if not backoff.waiting(d.id)]
+    judged = [(d, diagnoser.diagnose(d)) for d in devices]
+    packages = {p.name: p for p in diagnoser.index.packages}
+
+    def decide(modules, critical, install):
+        by_package = any(packages[p].rebuilds_initramfs for p in install if p in packages)
+        return initramfs.decide(modules, critical, policy.initramfs, by_package, env, paths)
+
+    plan = make_plan(paths.kver, judged, policy, blocked=env.why_not,
+                     boot_critical=lambda d: initramfs.boot_critical(d.syspath, paths),
+                     decide_initramfs=decide)
+    backend = None
+    if plan.install:
+        backend = choose(args.backend or policy.backend, env.package_manager, paths.root)
+        try:  # sizes, when the repository metadata tells them
+            offers = {o.request: o for o in backend.query([p.request for p in plan.install])}
+            plan = plan._replace(install=tuple(
+                p._replace(download_size=offers[p.request].download_size,
+                           installed_size=offers[p.request].installed_size) if p.request in offers else p
+                for p in plan.install))
+        except KmodguardError as exc:
+            progress(f"could not ask the repositories for sizes: {exc.message}")
+    if args.dry_run or not plan.needs_action or plan.blocked:
+        if args.json:
+            emit_json(plan.as_json())
+        else:
+            _print_plan(plan, env)
+        return ExitCode.ACTION_NEEDED if plan.needs_action else ExitCode.OK
+    if os.geteuid() != 0:
+        raise NotAuthorized("fixing devices installs packages and loads modules: run it as root",
+                            hint="'kmodguard fix --dry-run' shows the plan without root")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput("refusing to change the system without --yes when not asked on a terminal")
+        _print_plan(plan, env)
+        if input("Proceed? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing done")
+            return ExitCode.ACTION_NEEDED
+    from ..engine.remediate import Remediation
+
+    backend = backend or choose(args.backend or policy.backend, env.package_manager, paths.root)
+    report = Remediation(paths, policy, backend, progress).run(plan)
+    if args.json:
+        emit_json(report.as_json())
+    else:
+        for o in report.devices:
+            print(f"{safe(o.id, 60)}: {o.outcome}: {safe(o.reason)}")
+    return report.exit_code

@@ -34,6 +34,7 @@ class PackageSource(NamedTuple):
     request: str
     root: Path  # the extracted payload
     origin: dict  # what it was built from, for `index show`
+    rebuilds_initramfs: bool = False  # its install scriptlet runs dracut (Fedora's kernel-modules %posttrans)
 
 
 def _tool(name: str) -> str:
@@ -124,7 +125,8 @@ def build_package(index_root: Path, kver: str, source: PackageSource, progress=N
             "format": store.FORMAT,
             "version": store.VERSION,
             "kernel": kver,
-            "package": {"name": source.name, "version": source.version, "request": source.request},
+            "package": {"name": source.name, "version": source.version, "request": source.request,
+                        "rebuilds_initramfs": source.rebuilds_initramfs},
             "blacklist": {"files": [f.name for f in conf_files], "modules": blacklist},
             "modules": len(records),
             "built": time.time(),

@@ -79,6 +79,7 @@ class PackageIndex:
             self.name = valid_name("package name", meta["package"]["name"])
             self.version = str(meta["package"]["version"])
             self.request = str(meta["package"]["request"])
+            self.rebuilds_initramfs = bool(meta["package"].get("rebuilds_initramfs", False))
             self.blacklist = frozenset(meta["blacklist"]["modules"])
             self.module_count = int(meta["modules"])
             self.built = float(meta["built"])
@@ -138,6 +139,7 @@ class PackageIndex:
             "package": self.name,
             "version": self.version,
             "request": self.request,
+            "rebuilds_initramfs": self.rebuilds_initramfs,
             "kernel": self.kver,
             "modules": self.module_count,
             "blacklisted": sorted(self.blacklist),

@@ -1,0 +1,132 @@
+"""dnf, both generations: dnf 4 (RHEL 9, older Fedora) and dnf5 (Fedora 41 and later).
+
+Machine-readable queries only (repoquery --qf, rpm --qf), LC_ALL=C, argument lists, a timeout,
+a bounded wait for the package lock, signature checks left as configured (never turned off),
+and every transaction tagged with --comment so that `dnf history` shows kmodguard did it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from ..errors import Busy, KmodguardError, PackageUnavailable
+from . import InstallResult, Offer, Progress
+from ._run import last_line as _last_line
+from ._run import run
+from ._rpmdb import rpm_provides, split_request
+
+log = logging.getLogger(__name__)
+
+# repoquery tags differ between the generations
+QUERYFORMAT = {
+    "dnf": "%{name}-%{evr}.%{arch}\t%{downloadsize}\t%{installsize}\n",
+    "dnf5": "%{name}-%{evr}.%{arch}\t%{download_size}\t%{install_size}\n",
+}
+RPM_LOCKS = ("var/lib/rpm/.rpm.lock", "usr/lib/sysimage/rpm/.rpm.lock")
+
+
+class DnfBackend:
+    def __init__(self, command: str | None = None, root: Path = Path("/"), extra_args: tuple[str, ...] = ()):
+        command = command or ("dnf5" if shutil.which("dnf5") else "dnf")
+        self.name = "dnf5" if os.path.basename(command).startswith("dnf5") else "dnf"
+        self.command = shutil.which(command) or command
+        self.root = Path(root)
+        self.extra_args = tuple(extra_args)
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _base(self) -> list[str]:
+        args = [self.command]
+        if self.root != Path("/"):
+            args += ["--installroot", str(self.root)]
+        return args + list(self.extra_args)
+
+    def _run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+        return run(args, timeout, self.name)
+
+    # --- the protocol ------------------------------------------------------------------------
+
+    def is_installed(self, request: str) -> bool:
+        return rpm_provides(self.root, request)
+
+    def query(self, requests: list[str], timeout: float = 300) -> list[Offer]:
+        offers = []
+        for request in requests:
+            split_request(request)
+            res = self._run(self._base() + ["-q", "repoquery", "--qf", QUERYFORMAT[self.name],
+                                            "--whatprovides", request], timeout)
+            if res.returncode != 0:
+                raise KmodguardError(f"{self.name} repoquery failed for {request!r}: {_last_line(res)}",
+                                     hint="check the repositories ('dnf repolist') and the network")
+            rows = [line.split("\t") for line in res.stdout.splitlines() if line.count("\t") == 2]
+            if not rows:
+                offers.append(Offer(request, False))
+                continue
+            nevra, dl, inst = sorted(rows)[-1]
+            offers.append(Offer(request, True, nevra, _int(dl), _int(inst)))
+        return offers
+
+    def wait_for_lock(self, lock_wait: float, progress: Progress) -> None:
+        """Wait (bounded) while another process (cloud-init's packages:, dnf-automatic) holds rpm's lock."""
+        deadline = time.monotonic() + lock_wait
+        told = False
+        for rel in RPM_LOCKS:
+            path = self.root / rel
+            if not path.exists():
+                continue
+            while True:
+                with open(path, "rb") as f:
+                    try:
+                        fcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                        fcntl.lockf(f, fcntl.LOCK_UN)
+                        break
+                    except OSError:
+                        pass
+                if time.monotonic() >= deadline:
+                    raise Busy(f"the package database ({path}) stayed locked for {lock_wait:.0f} s",
+                               hint="another package manager is running (cloud-init, dnf-automatic?); "
+                                    "run 'kmodguard fix' again when it is done")
+                if not told:
+                    progress(f"waiting for the package lock {path} (up to {lock_wait:.0f} s)")
+                    told = True
+                time.sleep(0.5)
+
+    def install(self, requests: list[str], *, comment: str, timeout: float, lock_wait: float,
+                progress: Progress) -> InstallResult:
+        for r in requests:
+            split_request(r)
+        self.wait_for_lock(lock_wait, progress)
+        progress(f"{self.name}: installing {', '.join(requests)}")
+        args = self._base() + ["-y", "--comment", comment, "install", *requests]
+        res = self._run(args, timeout)
+        output = res.stdout + res.stderr
+        log.info("%s output:\n%s", self.name, output)
+        if res.returncode != 0:
+            missing = [r for r in requests if f"No match for argument: {r}" in output]
+            if missing:
+                raise PackageUnavailable(f"no repository has {', '.join(missing)}",
+                                         hint=UNAVAILABLE_HINT)
+            if "Waiting for process with pid" in output:
+                raise Busy(f"{self.name} waited for another package manager and gave up")
+            raise KmodguardError(f"{self.name} install failed (exit {res.returncode}): {_last_line(res)}",
+                                 hint="the full output is in the journal (kmodguard -v shows it)")
+        return InstallResult(tuple(requests), output)
+
+
+UNAVAILABLE_HINT = ("the package for the running kernel has left the repositories (this happens after newer "
+                    "kernels are published); either install it from a local package file "
+                    "('dnf install ./kernel-modules-KVER.rpm'), or update the kernel ('dnf upgrade kernel'), "
+                    "reboot into it, and run kmodguard again")
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None

@@ -1,0 +1,135 @@
+"""The remediation plan: decided from verdicts and policy before anything is touched. Pure.
+
+All devices found together give ONE plan and so one package transaction. Package requests come
+from the index (the exact-version provide) and must pass the allow-list; nothing in a plan is
+taken from device strings except the device's identity.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from ..config import Config
+from ..devices import Device
+from .diagnosis import Verdict
+
+
+class PackageRequest(NamedTuple):
+    package: str
+    version: str
+    request: str  # what the package manager is asked for, e.g. 'kernel-modules-uname-r = KVER'
+    download_size: int | None = None
+    installed_size: int | None = None
+
+    def as_json(self) -> dict:
+        return {"package": self.package, "version": self.version, "request": self.request,
+                "download_size": self.download_size, "installed_size": self.installed_size}
+
+
+class DeviceAction(NamedTuple):
+    id: str
+    syspath: str
+    subsystem: str
+    modalias: str
+    verdict: str
+    action: str  # install | load | none | refused
+    module: str | None
+    package: str | None
+    reason: str
+    boot_critical: str | None = None  # why it is needed before the real root is mounted
+
+    def as_json(self) -> dict:
+        return dict(self._asdict())
+
+
+class InitramfsDecision(NamedTuple):
+    rebuild: bool
+    by: str | None  # "package" | "kmodguard" | None
+    reason: str
+    drivers: tuple[str, ...] = ()
+
+    def as_json(self) -> dict:
+        return {"rebuild": self.rebuild, "by": self.by, "reason": self.reason, "drivers": list(self.drivers)}
+
+
+class Plan(NamedTuple):
+    kernel: str
+    install: tuple[PackageRequest, ...]
+    load: tuple[str, ...]
+    devices: tuple[DeviceAction, ...]
+    initramfs: InitramfsDecision
+    blocked: str | None = None  # why nothing may be done here (container, image mode)
+
+    @property
+    def needs_action(self) -> bool:
+        return bool(self.install or self.load)
+
+    def as_json(self) -> dict:
+        return {
+            "kernel": self.kernel,
+            "install": [p.as_json() for p in self.install],
+            "load": list(self.load),
+            "initramfs": self.initramfs.as_json(),
+            "devices": [d.as_json() for d in self.devices],
+            "blocked": self.blocked,
+        }
+
+
+NO_INITRAMFS = InitramfsDecision(False, None, "no device in the plan is needed before the real root is mounted")
+
+
+def make_plan(kernel: str, judged: list[tuple[Device, Verdict]], config: Config, *,
+              blocked: str | None = None,
+              boot_critical: Callable[[Device], str | None] = lambda d: None,
+              decide_initramfs: Callable[[list[str], dict[str, str], list[str]], InitramfsDecision]
+              = lambda modules, critical, packages: NO_INITRAMFS,
+              ) -> Plan:
+    """One plan for all the judged devices.
+
+    boot_critical(device) says why a device is needed in the initramfs (or None);
+    decide_initramfs(modules, {module: why}, [packages to install]) turns that into a decision
+    (initramfs.decide; a package whose own scriptlet runs dracut makes it "by": "package").
+    """
+    install: dict[str, PackageRequest] = {}
+    load: dict[str, None] = {}
+    actions = []
+    critical: dict[str, str] = {}
+    for device, verdict in judged:
+        action = _action(device, verdict, config)
+        if action.action in ("install", "load"):
+            why = boot_critical(device)
+            if why:
+                critical[action.module] = why
+                action = action._replace(boot_critical=why)
+            load[action.module] = None
+            if action.action == "install":
+                cand = next(c for c in verdict.candidates if c.module == action.module)
+                install.setdefault(cand.request, PackageRequest(cand.package, cand.version, cand.request))
+        actions.append(action)
+    modules = list(load)
+    packages = list(dict.fromkeys(p.package for p in install.values()))
+    decision = decide_initramfs(modules, critical, packages) if modules else NO_INITRAMFS
+    return Plan(kernel, tuple(install.values()), tuple(modules), tuple(actions), decision, blocked)
+
+
+def _action(device: Device, verdict: Verdict, config: Config) -> DeviceAction:
+    base = dict(id=device.id, syspath=device.syspath, subsystem=device.subsystem, modalias=device.modalias,
+                verdict=verdict.verdict)
+    if verdict.verdict == "loadable":
+        if verdict.builtin:
+            return DeviceAction(**base, action="none", module=verdict.installed_modules[0], package=None,
+                                reason="a built-in driver matches and did not bind: loading cannot help; see dmesg")
+        usable = [m for m in verdict.installed_modules if m not in verdict.blacklisted]
+        return DeviceAction(**base, action="load", module=usable[0], package=None,
+                            reason=f"load the installed module {usable[0]}")
+    if verdict.verdict == "missing":
+        refused = []
+        for cand in verdict.candidates:
+            if config.package_allowed(cand.package):
+                return DeviceAction(**base, action="install", module=cand.module, package=cand.package,
+                                    reason=f"install {cand.package} {cand.version} for {cand.module}")
+            refused.append(cand.package)
+        return DeviceAction(**base, action="refused", module=verdict.candidates[0].module, package=refused[0],
+                            reason=f"{', '.join(dict.fromkeys(refused))} is not in the allow-list "
+                                   "('packages' in /etc/kmodguard/kmodguard.toml)")
+    return DeviceAction(**base, action="none", module=None, package=None, reason=f"{verdict.verdict}: {verdict.reason}")

@@ -1,0 +1,268 @@
+"""Carry out a plan: install, depmod, load, re-probe, verify, initramfs. Converges from the system.
+
+Every step first asks the system whether it is still needed (rpm database, libkmod's view of the
+module tree, sysfs, the initramfs contents), so a run killed at any point followed by a new run
+does only what is still missing: no second transaction, no half-built initramfs.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from ..backends import Backend, Progress
+from ..config import Config
+from ..errors import ExitCode, KmodError, KmodguardError, PackageUnavailable
+from ..kmod import Context
+from ..paths import Paths
+from .plan import Plan
+from .state import Backoff, RemediationLock
+
+log = logging.getLogger(__name__)
+
+KMSG_PATTERNS = ("firmware", "Unknown symbol", "disagrees about version", "probe", "failed", "error", "-ENODEV")
+
+
+class Step(NamedTuple):
+    step: str
+    result: str  # done | skipped | failed
+    detail: str
+    seconds: float
+
+    def as_json(self) -> dict:
+        return {"step": self.step, "result": self.result, "detail": self.detail, "seconds": round(self.seconds, 3)}
+
+
+class Outcome(NamedTuple):
+    id: str
+    syspath: str
+    outcome: str  # now-bound | still-unbound | failed | skipped
+    driver: str | None
+    reason: str
+
+    def as_json(self) -> dict:
+        return dict(self._asdict())
+
+
+class FixReport(NamedTuple):
+    plan: Plan
+    steps: tuple[Step, ...]
+    devices: tuple[Outcome, ...]
+
+    @property
+    def exit_code(self) -> int:
+        if any(o.outcome in ("still-unbound", "failed") for o in self.devices):
+            return ExitCode.STILL_UNBOUND
+        return ExitCode.OK
+
+    def as_json(self) -> dict:
+        return {**self.plan.as_json(), "steps": [s.as_json() for s in self.steps],
+                "outcomes": [o.as_json() for o in self.devices]}
+
+
+def _driver(syspath: str) -> str | None:
+    link = os.path.join(syspath, "driver")
+    return os.path.basename(os.readlink(link)) if os.path.islink(link) else None
+
+
+class Remediation:
+    def __init__(self, paths: Paths, config: Config, backend: Backend, progress: Progress):
+        self.paths, self.config, self.backend, self.progress = paths, config, backend, progress
+        self.steps: list[Step] = []
+
+    def _step(self, name: str, result: str, detail: str, started: float) -> None:
+        step = Step(name, result, detail, time.monotonic() - started)
+        self.steps.append(step)
+        log.info("step %s: %s: %s", name, result, detail, extra={"KMODGUARD_STEP": name})
+
+    def run(self, plan: Plan) -> FixReport:
+        with RemediationLock(self.paths.state_dir):
+            outcomes = self._run_locked(plan)
+        return FixReport(plan, tuple(self.steps), tuple(outcomes))
+
+    def _run_locked(self, plan: Plan) -> list[Outcome]:
+        acting = [d for d in plan.devices if d.action in ("install", "load")]
+        # 1. install, in one transaction, only what the rpm database does not have yet
+        t = time.monotonic()
+        self.progress("step install: checking the package database")
+        pending = [p.request for p in plan.install if not self.backend.is_installed(p.request)]
+        if not plan.install:
+            self._step("install", "skipped", "nothing to install", t)
+        elif not pending:
+            self._step("install", "skipped", "already installed: " + ", ".join(p.request for p in plan.install), t)
+        else:
+            offers = self.backend.query(pending)
+            gone = [o.request for o in offers if not o.available]
+            if gone:
+                from ..backends.dnf import UNAVAILABLE_HINT
+
+                self._step("install", "failed", f"in no repository: {', '.join(gone)}", t)
+                raise PackageUnavailable(f"no repository has {', '.join(gone)}", hint=UNAVAILABLE_HINT)
+            self._snapshot_initramfs(plan)
+            comment = f"kmodguard: driver packages for {', '.join(d.id for d in acting)}"
+            result = self.backend.install(pending, comment=comment, timeout=self.config.timeouts.package_manager,
+                                          lock_wait=self.config.timeouts.lock_wait, progress=self.progress)
+            self._step("install", "done", "installed " + ", ".join(result.installed), t)
+
+        # 2. depmod, unless the package's scriptlet already did
+        t = time.monotonic()
+        self.progress("step depmod: checking the module index")
+        unresolved = self._unresolved(plan.load)
+        if unresolved:
+            self._depmod()
+            still = self._unresolved(plan.load)
+            if still:
+                self._step("depmod", "failed", f"not in {self.paths.installed_modules}: {', '.join(still)}", t)
+            else:
+                self._step("depmod", "done", f"indexed {', '.join(unresolved)}", t)
+        else:
+            self._step("depmod", "skipped", "the module index already has every module", t)
+
+        # 3. load
+        t = time.monotonic()
+        self.progress(f"step load: {', '.join(plan.load) or 'nothing'}")
+        load_errors: dict[str, str] = {}
+        if plan.load and self.paths.installed_modules.is_dir():
+            ctx = Context(self.paths.installed_modules, self.paths.modprobe_dirs)
+            for module in plan.load:
+                try:
+                    ctx.load(module)
+                except KmodError as exc:
+                    load_errors[module] = _load_error(exc)
+        self._step("load", "failed" if load_errors else ("done" if plan.load else "skipped"),
+                   "; ".join(f"{m}: {e}" for m, e in load_errors.items()) or ", ".join(plan.load), t)
+
+        # 4. re-probe each device and check that it is bound
+        t = time.monotonic()
+        self.progress("step probe: re-probing the devices")
+        outcomes = [self._probe(d, load_errors) for d in acting]
+        bound = sum(o.outcome == "now-bound" for o in outcomes)
+        self._step("probe", "done" if bound == len(outcomes) else "failed", f"{bound}/{len(outcomes)} bound", t)
+
+        # 5. initramfs
+        self._initramfs(plan, outcomes)
+
+        backoff = Backoff(self.paths.state_dir)
+        for o in outcomes:
+            backoff.succeeded(o.id) if o.outcome == "now-bound" else backoff.failed(o.id, o.reason)
+        backoff.save()
+        return outcomes
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _unresolved(self, modules) -> list[str]:
+        mdir = self.paths.installed_modules
+        if not (mdir / "modules.dep.bin").exists():
+            return list(modules)
+        ctx = Context(mdir, [])
+        return [m for m in modules if not any(path for _, path in ctx.lookup_paths(m))]
+
+    def _depmod(self) -> None:
+        mdir = self.paths.installed_modules
+        args = [shutil.which("depmod") or "/sbin/depmod", "-a"]
+        if mdir.parent.name == "modules" and mdir.parent.parent.name == "lib":
+            base = mdir.parent.parent.parent
+            if base != Path("/"):
+                args += ["-b", str(base)]
+        args.append(mdir.name)
+        res = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}, timeout=300)
+        if res.returncode != 0:
+            raise KmodguardError(f"depmod failed: {res.stderr.strip()}")
+
+    def _probe(self, action, load_errors: dict[str, str]) -> Outcome:
+        driver = _driver(action.syspath)
+        if driver:
+            return Outcome(action.id, action.syspath, "now-bound", driver, f"bound to {driver}")
+        if action.module in load_errors:
+            return Outcome(action.id, action.syspath, "failed", None,
+                           f"{action.module} could not be loaded: {load_errors[action.module]}")
+        probe = self.paths.sysfs / "bus" / action.subsystem / "drivers_probe"
+        try:
+            probe.write_text(os.path.basename(action.syspath))
+        except OSError as exc:
+            log.debug("drivers_probe for %s: %s", action.syspath, exc)
+        deadline = time.monotonic() + self.config.timeouts.settle
+        while time.monotonic() < deadline:
+            driver = _driver(action.syspath)
+            if driver:
+                return Outcome(action.id, action.syspath, "now-bound", driver, f"bound to {driver}")
+            time.sleep(0.05)
+        why = kernel_reason(self.paths.kmsg, [action.module, os.path.basename(action.syspath)])
+        return Outcome(action.id, action.syspath, "still-unbound", None,
+                       f"{action.module} is loaded but did not bind" + (f": the kernel says {why!r}" if why else
+                                                                       "; see 'dmesg'"))
+
+    def _snapshot_initramfs(self, plan: Plan) -> None:
+        """The package's own scriptlet may rebuild the image in place: keep a copy to restore."""
+        if not plan.initramfs.rebuild:
+            return
+        from .. import initramfs
+
+        image = initramfs.image_path(self.paths.kver, self.paths)
+        if image.exists():
+            snap = self.paths.state_dir / f"{image.name}.before-kmodguard"
+            shutil.copy2(image, snap)
+
+    def _initramfs(self, plan: Plan, outcomes: list[Outcome]) -> None:
+        t = time.monotonic()
+        decision = plan.initramfs
+        if not decision.rebuild:
+            self._step("initramfs", "skipped", decision.reason, t)
+            return
+        from .. import initramfs
+
+        self.progress("step initramfs: " + decision.reason)
+        initramfs.persist_drivers(list(decision.drivers), self.paths)
+        try:
+            initramfs.rebuild(self.paths.kver, list(decision.drivers), self.paths, self.config.timeouts.dracut)
+        except KmodguardError as exc:
+            self._step("initramfs", "failed", f"{exc.message}; the previous image is unchanged", t)
+            return
+        self._step("initramfs", "done", "rebuilt with " + ", ".join(decision.drivers), t)
+
+
+def _load_error(exc: KmodError) -> str:
+    if exc.errno == errno.ENOSYS:
+        return "this kernel cannot load modules (built without module support)"
+    if exc.errno == errno.EPERM:
+        return "not permitted (root is needed; or module loading is locked down / Secure Boot refused it)"
+    if exc.errno == errno.ENOEXEC:
+        return "the module does not fit this kernel (wrong version or a bad file)"
+    return os.strerror(exc.errno)
+
+
+def kernel_reason(kmsg: Path, needles: list[str], tail: int = 400) -> str | None:
+    """The last kernel log line about this module or device that says why it failed, if any."""
+    try:
+        fd = os.open(kmsg, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    lines: list[str] = []
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # EPIPE: records overwritten while reading
+                if exc.errno == errno.EPIPE:
+                    continue
+                break
+            if not record:
+                break
+            text = record.decode(errors="replace")
+            lines.append(text.split(";", 1)[-1].splitlines()[0] if ";" in text else text.strip())
+            lines = lines[-tail:]
+    finally:
+        os.close(fd)
+    needles = [n for n in needles if n]
+    for line in reversed(lines):
+        if any(n in line for n in needles) and any(p in line for p in KMSG_PATTERNS):
+            return line.strip()
+    return None
