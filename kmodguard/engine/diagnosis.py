@@ -118,6 +118,7 @@ class Diagnoser:
         self.index = KernelIndex(paths.index_root, paths.kver)
         self.system_blacklist = (self.installed.blacklist() if self.installed else frozenset()) | _cmdline_blacklist(paths)
         self.ignored_modules = frozenset(m.replace("-", "_") for m in config.ignore.modules)
+        self._memo: dict[str, Verdict] = {}
 
     @property
     def no_module_support(self) -> bool:
@@ -150,7 +151,17 @@ class Diagnoser:
     # --- modaliases --------------------------------------------------------------------
 
     def explain(self, modalias: str) -> Verdict:
-        """The verdict for a modalias on an unbound device (no device facts needed)."""
+        """The verdict for a modalias on an unbound device (no device facts needed).
+
+        Memoised: the VFs of one PF, or eight identical GPUs, share a modalias and are judged
+        once. A Diagnoser sees one state of the indexes; make a new one when they change.
+        """
+        verdict = self._memo.get(modalias)
+        if verdict is None:
+            verdict = self._memo[modalias] = self._explain(modalias)
+        return verdict
+
+    def _explain(self, modalias: str) -> Verdict:
         check_modalias(modalias)
         installed = self.installed.lookup_paths(modalias) if self.installed else []
         if installed:
