@@ -1,0 +1,74 @@
+"""The one place where kmodguard imports a D-Bus library.
+
+kmodguard uses dbus-next (asyncio API). dbus-fast is its maintained fork with the same API: to
+switch, change ``_LIB`` below and the dependency in pyproject.toml; nothing else in kmodguard
+imports the library directly (tests check this).
+
+Importing this module costs about 90 ms (it pulls in asyncio): import it lazily, only on the
+paths that really talk to a bus (the daemon, the PackageKit backend), never from a command that
+needs no bus.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LIB = "dbus_next"  # "dbus_fast" for dbus-fast: the one line to change
+
+_root = importlib.import_module(_LIB)
+_aio = importlib.import_module(f"{_LIB}.aio")
+_service = importlib.import_module(f"{_LIB}.service")
+_constants = importlib.import_module(f"{_LIB}.constants")
+_introspection = importlib.import_module(f"{_LIB}.introspection")
+
+LIBRARY = _LIB
+
+# connections and messages
+MessageBus = _aio.MessageBus  # asyncio flavour
+Message = _root.Message
+Variant = _root.Variant
+BusType = _constants.BusType
+MessageType = _constants.MessageType
+MessageFlag = _constants.MessageFlag
+NameFlag = _constants.NameFlag
+RequestNameReply = _constants.RequestNameReply
+PropertyAccess = _constants.PropertyAccess
+ErrorType = _constants.ErrorType
+
+# errors
+DBusError = _root.DBusError
+InvalidAddressError = _root.InvalidAddressError
+AuthError = _root.AuthError
+
+# serving an interface
+ServiceInterface = _service.ServiceInterface
+method = _service.method
+signal = _service.signal
+dbus_property = _service.dbus_property
+
+# introspection data (client proxies built without a round trip)
+IntrospectionNode = _introspection.Node
+
+
+def parse_introspection(xml: str):
+    """An introspection Node from XML (lets a client build a proxy without calling Introspect)."""
+    return _introspection.Node.parse(xml)
+
+
+async def connect(bus_address: str | None = None, *, system: bool = True):
+    """Connect to a bus: the given address, else the system (or session) bus.
+
+    With no address the library reads DBUS_SYSTEM_BUS_ADDRESS (DBUS_SESSION_BUS_ADDRESS for the
+    session bus) and falls back to the well-known system socket.
+    """
+    bus_type = BusType.SYSTEM if system else BusType.SESSION
+    bus = MessageBus(bus_address=bus_address, bus_type=bus_type)
+    return await bus.connect()
+
+
+__all__ = [
+    "LIBRARY", "MessageBus", "Message", "Variant", "BusType", "MessageType", "MessageFlag", "NameFlag",
+    "RequestNameReply", "PropertyAccess", "ErrorType", "DBusError", "InvalidAddressError", "AuthError",
+    "ServiceInterface", "method", "signal", "dbus_property", "IntrospectionNode", "parse_introspection",
+    "connect",
+]
