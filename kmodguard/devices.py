@@ -84,11 +84,26 @@ def _link(syspath: str, name: str) -> str | None:
     return os.path.realpath(path) if os.path.islink(path) else None
 
 
-def _modalias(device: pyudev.Device) -> str | None:
+def _uevent_value(syspath: str, key: bytes) -> bytes | None:
+    """KEY's raw value in the device's uevent file, as the kernel wrote it (lines end with \\n only)."""
     try:
-        value = device.properties.get("MODALIAS")
-    except UnicodeDecodeError:  # pyudev decodes strictly; keep hostile bytes visible instead
-        value = device.attributes.get("modalias")
+        with open(os.path.join(syspath, "uevent"), "rb") as f:
+            data = f.read(65536)
+    except OSError:
+        return None
+    prefix = key + b"="
+    return next((line[len(prefix):] for line in data.split(b"\n") if line.startswith(prefix)), None)
+
+
+def _modalias(device: pyudev.Device) -> str | None:
+    # The raw bytes first: libudev also ends a line at '\r' (a hostile value would be cut to a
+    # harmless-looking prefix) and pyudev decodes strictly (non-UTF-8 raises); keep both visible.
+    value = _uevent_value(device.sys_path, b"MODALIAS")
+    if value is None:
+        try:
+            value = device.properties.get("MODALIAS")
+        except UnicodeDecodeError:
+            value = device.attributes.get("modalias")
     return _text(value)
 
 

@@ -122,7 +122,8 @@ def _next_step(verdict, verdicts, env) -> str:
             return "  next: nothing can be installed here; see the note above."
         return f"  next: {install_command(env.package_manager, requests)}"
     if verdict == "loadable":
-        mods = list(dict.fromkeys(v.installed_modules[0] for v in verdicts if v.installed_modules and not v.builtin))
+        mods = list(dict.fromkeys(next(m for m in v.installed_modules if m not in v.blacklisted)
+                                  for v in verdicts if v.installed_modules and not v.builtin))
         return f"  next: sudo modprobe -a {' '.join(mods)}  (then check 'dmesg' if it stays unbound)" if mods else \
             "  next: check 'dmesg': a built-in driver refused the device"
     if verdict == "unindexed":
@@ -197,12 +198,17 @@ def index_build(args) -> int:
     else:
         if args.package or args.pkg_version or args.request or args.rebuilds_initramfs:
             raise InvalidInput("--package, --version and --request go with --from-dir; an RPM names itself")
+        import contextlib
+
         from ..index import rpmfile
 
-        for f in args.from_rpm:
-            progress(f"reading {f}")
-            with rpmfile.extracted(Path(f), kver) as source_and_kver:
-                source, pkg_kver = source_and_kver
+        # Read every file first: one bad RPM in the list leaves every index as it was.
+        with contextlib.ExitStack() as stack:
+            sources = []
+            for f in args.from_rpm:
+                progress(f"reading {f}")
+                sources.append(stack.enter_context(rpmfile.extracted(Path(f), kver)))
+            for source, pkg_kver in sources:
                 progress(f"indexing {source.name} {source.version} for kernel {pkg_kver}")
                 built.append(builder.build_package(paths.index_root, pkg_kver, source, progress))
     if args.json:

@@ -7,8 +7,22 @@ import shlex
 import sys
 
 
+def _json_safe(value):
+    """Bytes that are not UTF-8 (kept as surrogates) become '\\xNN' text: a lone surrogate in JSON
+    is refused by strict parsers."""
+    if isinstance(value, str):
+        if any("\udc80" <= c <= "\udcff" for c in value):
+            return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else c for c in value)
+        return value
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def emit_json(doc) -> None:
-    json.dump(doc, sys.stdout, indent=2, ensure_ascii=True)
+    json.dump(_json_safe(doc), sys.stdout, indent=2, ensure_ascii=True)
     sys.stdout.write("\n")
 
 
@@ -20,7 +34,9 @@ def safe(text: str | None, limit: int = 0) -> str:
     """Device strings are untrusted: show control characters escaped, never raw, on a terminal."""
     if text is None:
         return "-"
-    shown = text.encode("ascii", "backslashreplace").decode("ascii")
+    # a byte that was not UTF-8 (read with surrogateescape) is shown as the byte, \xNN
+    shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else c for c in text)
+    shown = shown.encode("ascii", "backslashreplace").decode("ascii")
     shown = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in shown)
     if limit and len(shown) > limit:
         shown = shown[: limit - 1] + "…"

@@ -24,6 +24,17 @@ MAX_MODALIAS = 4096  # a sysfs attribute is at most one page
 VENDOR_DIRS = ("/extra/", "/updates/", "/weak-updates/")  # akmods, DKMS, NVIDIA, kABI weak links
 
 
+def _shown(text: str) -> str:
+    """Quoted and escaped for a message; a byte that was not UTF-8 (surrogateescape) as \\xNN, as sysfs holds it."""
+    def one(c: str) -> str:
+        if "\udc80" <= c <= "\udcff":
+            return f"\\x{ord(c) - 0xDC00:02x}"
+        if c in "\\'":
+            return "\\" + c
+        return c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii")
+    return "'" + "".join(one(c) for c in text) + "'"
+
+
 def check_modalias(value: str) -> str:
     """A modalias is 'bus:' plus printable ASCII without blanks; anything else is refused."""
     if not isinstance(value, str) or not value:
@@ -32,10 +43,11 @@ def check_modalias(value: str) -> str:
         raise InvalidInput(f"modalias is {len(value)} characters long; the kernel never writes more than {MAX_MODALIAS}")
     bad = next((c for c in value if not ("!" <= c <= "~")), None)
     if bad is not None:
-        raise InvalidInput(f"modalias {value[:60]!r} contains {bad!r}: only printable ASCII without blanks is allowed")
+        what = _shown(bad) + (" (a byte that is not UTF-8)" if "\udc80" <= bad <= "\udcff" else "")
+        raise InvalidInput(f"modalias {_shown(value[:60])} contains {what}: only printable ASCII without blanks is allowed")
     bus, sep, _ = value.partition(":")
     if not sep or not bus or not all(c.islower() or c.isdigit() or c == "_" for c in bus):
-        raise InvalidInput(f"{value[:60]!r} is not a modalias: it must start with a bus name and ':' (pci:..., usb:...)")
+        raise InvalidInput(f"{_shown(value[:60])} is not a modalias: it must start with a bus name and ':' (pci:..., usb:...)")
     return value
 
 
@@ -141,12 +153,17 @@ class Diagnoser:
                                       f"sriov_drivers_autoprobe=0: its VFs are meant for guests")
         if device.subsystem in self.config.ignore.subsystems:
             return Verdict("ignored", f"excluded by policy: ignore.subsystems holds {device.subsystem!r}")
-        if device.id in self.config.ignore.devices or device.syspath in self.config.ignore.devices:
+        if self._policy_ignores(device):
             return Verdict("ignored", "excluded by policy: ignore.devices names this device")
         try:
             return self.explain(device.modalias)
         except InvalidInput as exc:
             return Verdict("unknown", f"the device reports a malformed modalias; nothing can match it ({exc.message})")
+
+    def _policy_ignores(self, device: Device) -> bool:
+        sysfs = str(self.paths.sysfs)
+        names = {device.id, device.syspath, device.syspath.removeprefix(sysfs)}
+        return any(ref in names or sysfs + ref in names for ref in self.config.ignore.devices)
 
     # --- modaliases --------------------------------------------------------------------
 
@@ -231,7 +248,7 @@ class Diagnoser:
         first = candidates[0]
         reason = f"no installed module matches; {first.module} in {first.package} {first.version} does"
         if first.firmware_missing:
-            reason += f" (it names {len(first.firmware_missing)} firmware file(s) absent from /lib/firmware)"
+            reason += f" (it names {len(first.firmware_missing)} firmware file(s) absent from the firmware directories)"
         return Verdict("missing", reason, candidates=candidates, blacklisted=sorted(blocked_all))
 
     def _firmware_missing(self, pkg: PackageIndex, module: str) -> list[str]:
