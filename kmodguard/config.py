@@ -124,7 +124,13 @@ def _merge(base: dict, over: dict) -> dict:
 def load(config_dir: Path) -> Config:
     """The policy from CONFIG_DIR/kmodguard.toml and CONFIG_DIR/conf.d/*.toml (in name order)."""
     config_dir = Path(config_dir)
-    files = [config_dir / "kmodguard.toml", *sorted((config_dir / "conf.d").glob("*.toml"))]
+    try:
+        drop_ins = sorted(p for p in (config_dir / "conf.d").iterdir() if p.suffix == ".toml")
+    except FileNotFoundError:
+        drop_ins = []
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {config_dir / 'conf.d'}: {exc.strerror}") from None
+    files = [config_dir / "kmodguard.toml", *drop_ins]
     merged: dict = {}
     read = []
     for path in files:

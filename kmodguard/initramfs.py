@@ -690,8 +690,9 @@ def rebuild(kver: str, modules: Iterable[str], paths: Paths, timeout: float = 60
 
     dracut --kver KVER -k MODULES_DIR [--confdir DRACUT_CONF_DIR] --add-drivers "..." --force
     [dracut_args] TMP writes a temporary file next to the image; lsinitrd must list every module
-    (built-in ones excepted); then the file is fsynced and renamed over the image. A copy of the
-    replaced image is kept (snapshot()). Raises InitramfsFailed on any failure; the temporary file
+    (built-in ones excepted); then the file is fsynced and renamed over the image. The caller keeps
+    a snapshot() from before any package transaction (a package's own scriptlet may rewrite the
+    image in place); this function needs none, the rename is atomic. Raises InitramfsFailed on any failure; the temporary file
     is removed, and one left by an earlier killed run is removed first.
     """
     modules = list(modules)
@@ -712,7 +713,6 @@ def rebuild(kver: str, modules: Iterable[str], paths: Paths, timeout: float = 60
     tmp = image.with_name(f".{image.name}.kmodguard-new")
     try:
         _unlink(tmp)  # left by an earlier run that was killed
-        snapshot(kver, paths)
         builtin = _builtin(paths)
         loadable = [m for m in modules if _norm(m) not in builtin]
         cmd = dracut_command(kver, loadable, tmp, paths, dracut_args)

@@ -82,7 +82,7 @@ def _tool(name: str) -> str:
 # --- the cached package ------------------------------------------------------------------
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KMODGUARD_TEST_CACHE") or "/var/cache/kmodguard-tests")
+    return Path(os.environ.get("KMODGUARD_TEST_CACHE") or "/var/cache/kmodguard-tests").absolute()
 
 
 @dataclass(frozen=True)

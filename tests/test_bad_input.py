@@ -39,7 +39,6 @@ def test_shell_metacharacters_are_just_characters(indexed, world, value):
 
 @pytest.fixture(scope="module")
 def diagnoser(world, tmp_path_factory):
-    from synthetic import make_world  # noqa: F401  (the world fixture built the trees)
     paths = Paths(kver=world.kver, modules_dir=world.installed, index_dir=tmp_path_factory.mktemp("noindex"),
                   modprobe_dirs=(str(world.modprobe_d),), firmware_dirs=(world.firmware,))
     return Diagnoser(paths, Config(), detect(paths))

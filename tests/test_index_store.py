@@ -1,6 +1,5 @@
 """The package index on disk: side by side packages, atomic replacement, and damage handled clearly."""
 
-import json
 import os
 import signal
 import subprocess

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from kmodguard.backends import Offer  # noqa: E402
 from kmodguard.backends.packagekit import PackageKitBackend, TRANSACTION_FLAG_ONLY_TRUSTED  # noqa: E402
 from kmodguard.errors import Busy, KmodguardError, PackageUnavailable  # noqa: E402
 
-pytestmark = pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")
 
 KVER = "6.1.0-56.fc42.x86_64"
 REQ = f"kernel-modules-uname-r = {KVER}"

@@ -44,7 +44,7 @@ class Backend(Protocol):
         KmodguardError on any other failure (message says what to do)."""
 
 
-def choose(name: str, package_manager: str | None, root=None) -> Backend:
+def choose(name: str, package_manager: str | None, root=None, timeout: float = 900.0) -> Backend:
     """The backend by policy name ("auto": the distribution's own package manager)."""
     from pathlib import Path
 
@@ -59,11 +59,11 @@ def choose(name: str, package_manager: str | None, root=None) -> Backend:
     if name in ("dnf", "dnf5"):
         from .dnf import DnfBackend
 
-        return DnfBackend(name, root)
+        return DnfBackend(name, root, timeout=timeout)
     if name == "packagekit":
         from .packagekit import PackageKitBackend
 
-        return PackageKitBackend()
+        return PackageKitBackend(call_timeout=timeout)
     if name == "apt":
         from .apt import AptBackend
 

@@ -29,3 +29,13 @@ def rpm_provides(root: Path, request: str) -> bool:
         return False
     provides = {tuple(line.split("\t", 1)) for line in out.stdout.splitlines() if "\t" in line}
     return (name, version) in provides if version else any(p[0] == name for p in provides)
+
+
+def rpm_lock_files(root: Path) -> list[Path]:
+    """Where rpm takes its transaction lock: .rpm.lock in rpm's database directory, as rpm itself
+    says (%_dbpath: /var/lib/rpm, /usr/lib/sysimage/rpm, or ~/.rpmdb on Debian's rpm)."""
+    res = subprocess.run([shutil.which("rpm") or "rpm", "--eval", "%{_dbpath}"], capture_output=True, text=True,
+                         env={**os.environ, "LC_ALL": "C"}, timeout=30)
+    dbpaths = {res.stdout.strip()} if res.returncode == 0 and res.stdout.startswith("/") else set()
+    dbpaths |= {"/var/lib/rpm", "/usr/lib/sysimage/rpm"}
+    return [Path(root) / d.lstrip("/") / ".rpm.lock" for d in sorted(dbpaths)]

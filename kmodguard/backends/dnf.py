@@ -19,7 +19,7 @@ from ..errors import Busy, KmodguardError, PackageUnavailable
 from . import InstallResult, Offer, Progress
 from ._run import last_line as _last_line
 from ._run import run
-from ._rpmdb import rpm_provides, split_request
+from ._rpmdb import rpm_lock_files, rpm_provides, split_request
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,12 @@ QUERYFORMAT = {
     "dnf": "%{name}-%{evr}.%{arch}\t%{downloadsize}\t%{installsize}\n",
     "dnf5": "%{name}-%{evr}.%{arch}\t%{download_size}\t%{install_size}\n",
 }
-RPM_LOCKS = ("var/lib/rpm/.rpm.lock", "usr/lib/sysimage/rpm/.rpm.lock")
 
 
 class DnfBackend:
-    def __init__(self, command: str | None = None, root: Path = Path("/"), extra_args: tuple[str, ...] = ()):
+    def __init__(self, command: str | None = None, root: Path = Path("/"), extra_args: tuple[str, ...] = (),
+                 timeout: float = 900.0):
+        self.timeout = timeout  # for queries; an install gets its own
         command = command or ("dnf5" if shutil.which("dnf5") else "dnf")
         self.name = "dnf5" if os.path.basename(command).startswith("dnf5") else "dnf"
         self.command = shutil.which(command) or command
@@ -55,16 +56,23 @@ class DnfBackend:
     def is_installed(self, request: str) -> bool:
         return rpm_provides(self.root, request)
 
-    def query(self, requests: list[str], timeout: float = 300) -> list[Offer]:
+    def query(self, requests: list[str], timeout: float | None = None) -> list[Offer]:
+        timeout = timeout or self.timeout
         offers = []
         for request in requests:
             split_request(request)
-            res = self._run(self._base() + ["-q", "repoquery", "--qf", QUERYFORMAT[self.name],
+            res = self._run(self._base() + ["repoquery", "--qf", QUERYFORMAT[self.name],
                                             "--whatprovides", request], timeout)
             if res.returncode != 0:
                 raise KmodguardError(f"{self.name} repoquery failed for {request!r}: {_last_line(res)}",
-                                     hint="check the repositories ('dnf repolist') and the network")
+                                     hint="check the repositories ('dnf repolist') and the network, then run again")
             rows = [line.split("\t") for line in res.stdout.splitlines() if line.count("\t") == 2]
+            skipped = [line.split(":", 1)[1].strip() for line in res.stderr.splitlines()
+                       if line.startswith("Ignoring repositories:")]
+            if not rows and skipped:  # skip_if_unavailable: "not found" would be a guess
+                raise KmodguardError(f"{self.name} could not reach the repositories {', '.join(skipped)}, so it "
+                                     f"cannot tell whether {request!r} is available",
+                                     hint="check the repositories ('dnf repolist') and the network, then run again")
             if not rows:
                 offers.append(Offer(request, False))
                 continue
@@ -76,8 +84,7 @@ class DnfBackend:
         """Wait (bounded) while another process (cloud-init's packages:, dnf-automatic) holds rpm's lock."""
         deadline = time.monotonic() + lock_wait
         told = False
-        for rel in RPM_LOCKS:
-            path = self.root / rel
+        for path in rpm_lock_files(self.root):
             if not path.exists():
                 continue
             while True:

@@ -337,6 +337,9 @@ def fix(args) -> int:
     from ..engine.state import Backoff
     from ..errors import KmodguardError, NotAuthorized
 
+    if not args.dry_run and os.geteuid() != 0:
+        raise NotAuthorized("fixing devices installs packages and loads modules: run it as root",
+                            hint="'kmodguard fix --dry-run' shows the plan without root")
     paths = make_paths(args)
     policy = config_mod.load(paths.config_dir)
     env = environment.detect(paths)
@@ -356,14 +359,15 @@ def fix(args) -> int:
 
     def decide(modules, critical, install):
         by_package = any(packages[p].rebuilds_initramfs for p in install if p in packages)
-        return initramfs.decide(modules, critical, policy.initramfs, by_package, env, paths)
+        return initramfs.decide(modules, critical, policy.initramfs, by_package, initramfs.unsupported(paths))
 
     plan = make_plan(paths.kver, judged, policy, blocked=env.why_not,
                      boot_critical=lambda d: initramfs.boot_critical(d.syspath, paths),
                      decide_initramfs=decide)
     backend = None
     if plan.install:
-        backend = choose(args.backend or policy.backend, env.package_manager, paths.root)
+        backend = choose(args.backend or policy.backend, env.package_manager, paths.root,
+                         policy.timeouts.package_manager)
         try:  # sizes, when the repository metadata tells them
             offers = {o.request: o for o in backend.query([p.request for p in plan.install])}
             plan = plan._replace(install=tuple(
@@ -378,9 +382,6 @@ def fix(args) -> int:
         else:
             _print_plan(plan, env)
         return ExitCode.ACTION_NEEDED if plan.needs_action else ExitCode.OK
-    if os.geteuid() != 0:
-        raise NotAuthorized("fixing devices installs packages and loads modules: run it as root",
-                            hint="'kmodguard fix --dry-run' shows the plan without root")
     if not args.yes:
         if not sys.stdin.isatty():
             raise InvalidInput("refusing to change the system without --yes when not asked on a terminal")
@@ -390,7 +391,8 @@ def fix(args) -> int:
             return ExitCode.ACTION_NEEDED
     from ..engine.remediate import Remediation
 
-    backend = backend or choose(args.backend or policy.backend, env.package_manager, paths.root)
+    backend = backend or choose(args.backend or policy.backend, env.package_manager, paths.root,
+                         policy.timeouts.package_manager)
     report = Remediation(paths, policy, backend, progress).run(plan)
     if args.json:
         emit_json(report.as_json())

@@ -59,6 +59,8 @@ class FixReport(NamedTuple):
     def exit_code(self) -> int:
         if any(o.outcome in ("still-unbound", "failed") for o in self.devices):
             return ExitCode.STILL_UNBOUND
+        if any(s.result == "failed" for s in self.steps):
+            return ExitCode.ERROR  # e.g. the initramfs could not be rebuilt (the old one is kept)
         return ExitCode.OK
 
     def as_json(self) -> dict:
@@ -104,7 +106,7 @@ class Remediation:
 
                 self._step("install", "failed", f"in no repository: {', '.join(gone)}", t)
                 raise PackageUnavailable(f"no repository has {', '.join(gone)}", hint=UNAVAILABLE_HINT)
-            self._snapshot_initramfs(plan)
+            self._before_transaction(plan)
             comment = f"kmodguard: driver packages for {', '.join(d.id for d in acting)}"
             result = self.backend.install(pending, comment=comment, timeout=self.config.timeouts.package_manager,
                                           lock_wait=self.config.timeouts.lock_wait, progress=self.progress)
@@ -146,7 +148,7 @@ class Remediation:
         self._step("probe", "done" if bound == len(outcomes) else "failed", f"{bound}/{len(outcomes)} bound", t)
 
         # 5. initramfs
-        self._initramfs(plan, outcomes)
+        self._initramfs(plan)
 
         backoff = Backoff(self.paths.state_dir)
         for o in outcomes:
@@ -198,18 +200,18 @@ class Remediation:
                        f"{action.module} is loaded but did not bind" + (f": the kernel says {why!r}" if why else
                                                                        "; see 'dmesg'"))
 
-    def _snapshot_initramfs(self, plan: Plan) -> None:
-        """The package's own scriptlet may rebuild the image in place: keep a copy to restore."""
+    def _before_transaction(self, plan: Plan) -> None:
+        """When the drivers belong in the initramfs: write the dracut drop-in first, so that a
+        package's own dracut run (Fedora's kernel-modules %posttrans) already includes them, and
+        keep a snapshot of the image, which that scriptlet rewrites in place."""
         if not plan.initramfs.rebuild:
             return
         from .. import initramfs
 
-        image = initramfs.image_path(self.paths.kver, self.paths)
-        if image.exists():
-            snap = self.paths.state_dir / f"{image.name}.before-kmodguard"
-            shutil.copy2(image, snap)
+        initramfs.persist_drivers(plan.initramfs.drivers, self.paths)
+        initramfs.snapshot(self.paths.kver, self.paths)
 
-    def _initramfs(self, plan: Plan, outcomes: list[Outcome]) -> None:
+    def _initramfs(self, plan: Plan) -> None:
         t = time.monotonic()
         decision = plan.initramfs
         if not decision.rebuild:
@@ -217,14 +219,25 @@ class Remediation:
             return
         from .. import initramfs
 
+        kver, drivers = self.paths.kver, list(decision.drivers)
         self.progress("step initramfs: " + decision.reason)
-        initramfs.persist_drivers(list(decision.drivers), self.paths)
+        initramfs.persist_drivers(drivers, self.paths)  # idempotent; so that later kernels keep them
         try:
-            initramfs.rebuild(self.paths.kver, list(decision.drivers), self.paths, self.config.timeouts.dracut)
+            missing = initramfs.missing_from_image(kver, drivers, self.paths)
+        except KmodguardError as exc:  # the package's dracut run left an unreadable image
+            log.warning("the initramfs of %s is unreadable (%s): restoring the snapshot", kver, exc.message)
+            initramfs.restore(kver, self.paths)
+            missing = drivers
+        if not missing:
+            by = "the package's own scriptlet" if decision.by == "package" else "an earlier run"
+            self._step("initramfs", "done", f"already inside (put there by {by}): {', '.join(drivers)}", t)
+            return
+        try:
+            initramfs.rebuild(kver, drivers, self.paths, self.config.timeouts.dracut)
         except KmodguardError as exc:
             self._step("initramfs", "failed", f"{exc.message}; the previous image is unchanged", t)
             return
-        self._step("initramfs", "done", "rebuilt with " + ", ".join(decision.drivers), t)
+        self._step("initramfs", "done", "rebuilt with " + ", ".join(drivers), t)
 
 
 def _load_error(exc: KmodError) -> str:

@@ -44,8 +44,10 @@ def _text(p) -> str | None:
     return None if p == ffi.NULL else ffi.string(p).decode("utf-8", "surrogateescape")
 
 
-PROBE_APPLY_BLACKLIST = 0x00004  # KMOD_PROBE_APPLY_BLACKLIST: refuse a blacklisted module
-PROBE_IGNORE_LOADED = 0x00010  # KMOD_PROBE_IGNORE_LOADED: already loaded is not an error
+# KMOD_PROBE_APPLY_BLACKLIST: refuse a blacklisted module. (Not KMOD_PROBE_IGNORE_LOADED: that
+# means "insert even if loaded", and libkmod then reports some refusals as success. Without it,
+# an already-loaded module is success, as with modprobe.)
+PROBE_APPLY_BLACKLIST = 0x00004
 
 
 class ModuleInfo(NamedTuple):
@@ -201,7 +203,7 @@ class Context:
         _check(lib.kmod_module_new_from_name(self._ctx, name.encode(), mod), f"module {name!r}")
         try:
             rc = lib.kmod_module_probe_insert_module(
-                mod[0], PROBE_APPLY_BLACKLIST | PROBE_IGNORE_LOADED, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL)
+                mod[0], PROBE_APPLY_BLACKLIST, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL)
             _check(rc, f"loading module {name}")
         finally:
             lib.kmod_module_unref(mod[0])

@@ -1,0 +1,281 @@
+"""`kmodguard fix` for real: signed Fedora-like kernel RPMs in a createrepo_c repository, the real
+dnf (4) installing into an installroot, devices faked with umockdev, converging on a rerun.
+
+The kernel here cannot load modules (no module support; synthetic modules would be refused by any
+kernel anyway), so every run ends with the load step failed and exit 6: what is asserted is
+everything up to it, which is what the package manager part of a fix does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+import rpmbuild
+import synthetic
+from rpmbuild import KVER, KVER_NEXT, LOGGED
+
+GPU, VIRTIO, EXTRA_XZ = synthetic.ALIAS["gpu"], synthetic.ALIAS["virtio"], synthetic.ALIAS["extra_xz"]
+REQ = f"kernel-modules-uname-r = {KVER}"
+REQ_EXTRA = f"kernel-modules-extra-uname-r = {KVER}"
+
+
+def pci(addr: str, modalias: str) -> str:
+    return (f"P: /devices/pci0000:00/{addr}\nE: SUBSYSTEM=pci\nE: MODALIAS={modalias}\nE: PCI_SLOT_NAME={addr}\n"
+            f"A: modalias={modalias}\nA: driver_override=(null)\n\n")
+
+
+DEVICES = (pci("0000:00:05.0", GPU) + pci("0000:00:06.0", GPU) + pci("0000:00:07.0", EXTRA_XZ)
+           + f"P: /devices/pci0000:00/0000:00:08.0/virtio3\nE: SUBSYSTEM=virtio\nE: MODALIAS={VIRTIO}\n"
+             f"A: modalias={VIRTIO}\n\n")
+
+
+@pytest.fixture(scope="session")
+def rpm_base(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fix-rpms")
+    yield base
+    rpmbuild.cleanup()
+
+
+@pytest.fixture(scope="session")
+def repo(rpm_base):
+    """Signed kernel RPMs of two kernels, a /bin/sh package, and a release package (releasever 42)."""
+    repo_dir, rpms = rpmbuild.kernel_repo(rpm_base, (KVER, KVER_NEXT), scripts=LOGGED, signed=True, name="fixrepo")
+    key = rpmbuild.test_key(rpm_base)
+    rpmbuild.build_rpm(repo_dir, "kmg-release", "42", provides=("system-release(releasever) = 42",), sign=key)
+    rpmbuild.createrepo(repo_dir)
+    return repo_dir, rpms, key
+
+
+def write_repo_config(root: Path, baseurl: str, key: Path, gpgcheck: bool = True) -> None:
+    d = root / "etc" / "yum.repos.d"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "kmg.repo").write_text(f"[kmg]\nname=kmg test repository\nbaseurl={baseurl}\nenabled=1\n"
+                                f"gpgcheck={int(gpgcheck)}\ngpgkey=file://{key}\nmetadata_expire=0\n")
+
+
+def dnf(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["dnf", "-y", "--installroot", str(root), *args], capture_output=True, text=True,
+                          env={**os.environ, "LC_ALL": "C"}, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def base_root(repo, tmp_path_factory) -> Path:
+    """A cloud image: kernel-core and kernel-modules-core of KVER installed (and depmod'ed), nothing else."""
+    repo_dir, _, key = repo
+    root = tmp_path_factory.mktemp("image") / "root"
+    write_repo_config(root, f"file://{repo_dir}", key.public)
+    res = dnf(root, "--releasever", "42", "install", "kmg-release", f"kernel-core-uname-r = {KVER}",
+              f"kernel-modules-core-uname-r = {KVER}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    subprocess.run(["depmod", "-b", str(root), KVER], check=True)
+    return root
+
+
+@pytest.fixture
+def machine(base_root, kmodguard, repo, tmp_path):
+    """A fresh copy of the image, kmodguard pointed at it, both packages indexed from their RPMs."""
+    _, rpms, _ = repo
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", str(base_root), str(root)], check=True)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "kmodguard.toml").write_text('backend = "dnf"\n[timeouts]\nsettle = 0.2\nlock_wait = 2\n'
+                                        'package_manager = 120\n')
+    env = {**kmodguard.env,
+           "KMODGUARD_ROOT": str(root), "KMODGUARD_MODULES_DIR": str(root / "lib/modules" / KVER),
+           "KMODGUARD_MODPROBE_DIRS": str(root / "etc/modprobe.d"), "KMODGUARD_CONFIG_DIR": str(etc),
+           "KMODGUARD_BOOT_DIR": str(root / "boot"), "KMODGUARD_DRACUT_CONF_DIR": str(root / "etc/dracut.conf.d"),
+           "KMODGUARD_KMSG": str(tmp_path / "no-kmsg"), "KMODGUARD_CONTAINER": "none"}
+    kmg = dataclasses.replace(kmodguard, env=env).with_devices(DEVICES, tmp_path)
+    kmg("index", "build", "--from-rpm", str(rpms[KVER]["kernel-modules"]), str(rpms[KVER]["kernel-modules-extra"]),
+        check_code=0)
+    return kmg, root
+
+
+def installed(root: Path) -> list[str]:
+    out = subprocess.run(["rpm", "--root", str(root), "-qa", "--qf", "%{NAME}-%{VERSION}-%{RELEASE}\n"],
+                         capture_output=True, text=True, check=True)
+    return sorted(out.stdout.split())
+
+
+def history(root: Path) -> list[str]:
+    res = dnf(root, "-q", "history", "list")
+    return [line for line in res.stdout.splitlines() if line.strip()[:1].isdigit()]
+
+
+def steps(doc) -> dict[str, dict]:
+    return {s["step"]: s for s in doc["steps"]}
+
+
+def test_dry_run_plans_one_transaction_with_sizes_and_touches_nothing(machine):
+    kmg, root = machine
+    before = installed(root)
+    doc = kmg("fix", "--dry-run", "--json", "--kver", KVER, check_code=3).json
+    assert [p["request"] for p in doc["install"]] == [REQ, REQ_EXTRA]
+    assert all(p["download_size"] and p["installed_size"] for p in doc["install"])
+    assert sorted(doc["load"]) == ["kmg_extra_xz", "kmg_gpu", "kmg_virtio"]
+    assert doc["initramfs"]["rebuild"] is False
+    assert {d["id"]: d["action"] for d in doc["devices"]} == {
+        "0000:00:05.0": "install", "0000:00:06.0": "install", "0000:00:07.0": "install",
+        "/sys/devices/pci0000:00/0000:00:08.0/virtio3": "install"}
+    assert installed(root) == before
+    human = kmg("fix", "--dry-run", "--kver", KVER, check_code=3).stdout
+    assert f"{REQ}  (kernel-modules 6.1.0-56.fc42)  download" in human
+
+
+def test_fix_installs_exactly_the_running_kernels_packages_in_one_transaction(machine):
+    kmg, root = machine
+    before_history = history(root)
+    res = kmg("fix", "--yes", "--json", "--kver", KVER)
+    assert res.returncode == 6, res.stderr  # installed, but this kernel cannot load modules
+    doc = res.json
+    s = steps(doc)
+    assert s["install"]["result"] == "done" and REQ in s["install"]["detail"] and REQ_EXTRA in s["install"]["detail"]
+    assert s["depmod"]["result"] == "done"  # the packages' scriptlets did not run depmod here
+    assert s["load"]["result"] == "failed"
+    assert {o["outcome"] for o in doc["outcomes"]} == {"failed"}
+    assert all("could not be loaded" in o["reason"] for o in doc["outcomes"])
+    now = installed(root)
+    assert "kernel-modules-6.1.0-56.fc42" in now and "kernel-modules-extra-6.1.0-56.fc42" in now
+    assert not any("57.fc42" in p for p in now)  # never the newest kernel's package
+    new = history(root)[: len(history(root)) - len(before_history)]
+    assert len(new) == 1  # one transaction for four devices
+    info = dnf(root, "-q", "history", "info", "last").stdout
+    assert "kmodguard: driver packages for 0000:00:05.0" in info
+    log = (root / "var/log/kmg-scriptlets.log").read_text()
+    assert f"kernel-modules posttrans: dracut -f --kver {KVER}" in log  # Fedora's own rebuild ran
+    assert "kmg_gpu" in (root / "lib/modules" / KVER / "modules.dep").read_text()
+    # the devices are no longer missing: their driver is installed
+    status = kmg("status", "--json", "--kver", KVER).json
+    assert {d["verdict"] for d in status["devices"]} == {"loadable"}
+    assert "0000:00:05.0" in (kmg.env["KMODGUARD_STATE_DIR"] and
+                              Path(kmg.env["KMODGUARD_STATE_DIR"], "backoff.json").read_text())
+
+
+def test_a_second_run_converges_without_a_second_transaction(machine, base_root):
+    kmg, root = machine
+    kmg("fix", "--yes", "--json", "--kver", KVER)
+    count, before = len(history(root)), installed(root)
+    again = kmg("fix", "--yes", "--json", "--kver", KVER, "0000:00:05.0", "0000:00:07.0").json
+    assert again["install"] == [] and sorted(again["load"]) == ["kmg_extra_xz", "kmg_gpu"]  # now loadable
+    assert steps(again)["install"]["result"] == "skipped"
+    # as if killed right after the transaction: packages in, module index not yet rebuilt
+    mdir = root / "lib/modules" / KVER
+    for f in (base_root / "lib/modules" / KVER).glob("modules.*"):
+        shutil.copyfile(f, mdir / f.name)
+    doc = kmg("fix", "--yes", "--json", "--kver", KVER, "0000:00:05.0", "0000:00:07.0").json
+    assert [p["request"] for p in doc["install"]] == [REQ, REQ_EXTRA]  # judged missing again...
+    s = steps(doc)
+    assert s["install"]["result"] == "skipped" and "already installed" in s["install"]["detail"]  # ...no 2nd transaction
+    assert s["depmod"]["result"] == "done"
+    assert len(history(root)) == count and installed(root) == before
+
+
+def test_devices_backing_off_are_left_out_unless_named(machine):
+    kmg, root = machine
+    kmg("fix", "--yes", "--json", "--kver", KVER)  # fails to load: every device backs off
+    doc = kmg("fix", "--dry-run", "--json", "--kver", KVER, check_code=0).json
+    assert doc["devices"] == [] and doc["install"] == []
+    named = kmg("fix", "--dry-run", "--json", "--kver", KVER, "0000:00:05.0", check_code=3).json
+    assert [d["id"] for d in named["devices"]] == ["0000:00:05.0"]
+
+
+def test_exact_version_in_no_repository_exits_5_and_says_what_to_do(machine, repo, tmp_path):
+    kmg, root = machine
+    repo_dir, rpms, key = repo
+    only_next = tmp_path / "only-next"
+    only_next.mkdir()
+    for f in repo_dir.glob("*.rpm"):
+        if "56.fc42" not in f.name:
+            shutil.copyfile(f, only_next / f.name)
+    rpmbuild.createrepo(only_next)
+    write_repo_config(root, f"file://{only_next}", key.public)
+    before = installed(root)
+    res = kmg("fix", "--yes", "--json", "--kver", KVER)
+    assert res.returncode == 5, res.stderr
+    assert res.json["error"]["name"] == "PackageUnavailable"
+    assert REQ in res.json["error"]["message"]
+    assert "local package file" in res.json["error"]["hint"] and "update the kernel" in res.json["error"]["hint"]
+    assert installed(root) == before
+
+
+def test_unreachable_repository_is_a_clear_error(machine, repo):
+    kmg, root = machine
+    write_repo_config(root, "file:///nonexistent/kmg-repo", repo[2].public)
+    before = installed(root)
+    res = kmg("fix", "--yes", "--json", "--kver", KVER)
+    assert res.returncode == 1  # not 5: nobody can tell whether the package exists
+    assert "could not reach the repositories kmg" in res.json["error"]["message"]
+    assert "network" in res.json["error"]["hint"]
+    assert installed(root) == before
+
+
+def test_held_package_lock_waits_then_gives_up_busy(machine):
+    kmg, root = machine
+    lock = root / "root/.rpmdb/.rpm.lock" if (root / "root/.rpmdb").is_dir() else root / "var/lib/rpm/.rpm.lock"
+    assert lock.exists()
+    with open(lock, "rb+") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)  # what rpm holds during a transaction (cloud-init, dnf-automatic)
+        res = kmg("fix", "--yes", "--json", "--kver", KVER)
+    assert res.returncode == 1
+    assert res.json["error"]["name"] == "Busy" and "stayed locked for 2 s" in res.json["error"]["message"]
+    assert "waiting for the package lock" in res.stderr
+
+
+def test_hanging_repository_is_stopped_at_the_timeout(machine, repo):
+    kmg, root = machine
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(8)], daemon=True).start()
+    write_repo_config(root, f"http://127.0.0.1:{server.getsockname()[1]}/repo", repo[2].public)
+    Path(kmg.env["KMODGUARD_CONFIG_DIR"], "conf.d").mkdir()
+    Path(kmg.env["KMODGUARD_CONFIG_DIR"], "conf.d/timeout.toml").write_text("[timeouts]\npackage_manager = 3\n")
+    res = kmg("fix", "--yes", "--json", "--kver", KVER, timeout=60)
+    server.close()
+    assert res.returncode == 1
+    assert "did not finish within 3 s and was stopped" in res.json["error"]["message"]
+
+
+def test_signature_checks_stay_on(machine, rpm_base, repo, tmp_path):
+    """An unsigned package with the same provide is refused by dnf: kmodguard never turns checks off."""
+    kmg, root = machine
+    unsigned = rpmbuild.kernel_rpms(rpm_base, KVER, scripts=LOGGED, signed=False)
+    plain = tmp_path / "unsigned-repo"
+    plain.mkdir()
+    for f in list(unsigned.rpms.values()) + list(repo[0].glob("kmg-*.rpm")):
+        shutil.copyfile(f, plain / Path(f).name)
+    rpmbuild.createrepo(plain)
+    write_repo_config(root, f"file://{plain}", repo[2].public)
+    before = installed(root)
+    res = kmg("fix", "--yes", "--json", "--kver", KVER)
+    assert res.returncode == 1
+    assert "install failed" in res.json["error"]["message"]
+    assert installed(root) == before
+
+
+def test_fix_without_root_is_not_authorized(machine, tmp_path):
+    kmg, _ = machine
+    import sys
+    py = Path(sys.executable)
+    if not str(py).startswith("/usr/") and not os.access(py, os.X_OK):
+        pytest.fail("the test interpreter must be readable by nobody (a /usr/bin/python3 venv)")
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                          "import os, sys; from kmodguard.cli import main; sys.exit(main())", "fix", "--yes",
+                          "--json", "--kver", KVER], capture_output=True, text=True, env=kmg.env)
+    if "Permission denied" in res.stderr and "python" in res.stderr:
+        pytest.fail(f"nobody cannot run {py}: {res.stderr}")
+    assert res.returncode == 4, res.stdout + res.stderr
+    assert json.loads(res.stdout)["error"]["name"] == "NotAuthorized"
+    assert "--dry-run" in res.stderr  # what to do instead
