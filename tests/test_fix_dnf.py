@@ -15,7 +15,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -267,7 +269,6 @@ def test_signature_checks_stay_on(machine, rpm_base, repo, tmp_path):
 
 def test_fix_without_root_is_not_authorized(machine, tmp_path):
     kmg, _ = machine
-    import sys
     py = Path(sys.executable)
     if not str(py).startswith("/usr/") and not os.access(py, os.X_OK):
         pytest.fail("the test interpreter must be readable by nobody (a /usr/bin/python3 venv)")
@@ -279,3 +280,92 @@ def test_fix_without_root_is_not_authorized(machine, tmp_path):
     assert res.returncode == 4, res.stdout + res.stderr
     assert json.loads(res.stdout)["error"]["name"] == "NotAuthorized"
     assert "--dry-run" in res.stderr  # what to do instead
+
+
+# --- a kill at any step, then a new run: the same end state as one uninterrupted run ---------
+
+def end_state(kmg, root: Path) -> dict:
+    status = kmg("status", "--json", "--kver", KVER).json
+    return {"installed": installed(root), "transactions": len(history(root)),
+            "modules.dep": sorted((root / "lib/modules" / KVER / "modules.dep").read_text().splitlines()),
+            "verdicts": sorted((d["id"], d["verdict"]) for d in status["devices"])}
+
+
+def run_and_kill_at(kmg, marker: str) -> None:
+    """Start `kmodguard fix`, SIGKILL it as soon as it reports `marker` on stderr."""
+    cmd = ["umockdev-run", "--device", str(kmg.umockdev), "--", sys.executable, "-m", "kmodguard",
+           "fix", "--yes", "--kver", KVER]
+    proc = subprocess.Popen(cmd, env=kmg.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line.decode(errors="replace"))
+        if marker in seen[-1]:
+            proc.kill()
+            break
+    proc.wait()
+    assert any(marker in s for s in seen), seen
+
+
+_reference = {}
+
+
+def uninterrupted(make_machine) -> dict:
+    if "state" not in _reference:
+        kmg, root = make_machine()
+        kmg("fix", "--yes", "--kver", KVER)
+        _reference["state"] = end_state(kmg, root)
+    return _reference["state"]
+
+
+@pytest.mark.parametrize("marker", ["step install", "dnf: installing", "step depmod", "step load", "step probe"])
+def test_killed_at_any_step_a_new_run_converges(machine, marker, kmodguard, base_root, repo, tmp_path_factory):
+    def fresh():
+        tmp = tmp_path_factory.mktemp("reference")
+        env = {**machine[0].env, "KMODGUARD_STATE_DIR": str(tmp / "state"), "KMODGUARD_INDEX_DIR": str(tmp / "index")}
+        root = tmp / "root"
+        subprocess.run(["cp", "-a", str(base_root), str(root)], check=True)
+        for k in ("KMODGUARD_ROOT", "KMODGUARD_MODULES_DIR", "KMODGUARD_MODPROBE_DIRS", "KMODGUARD_BOOT_DIR",
+                  "KMODGUARD_DRACUT_CONF_DIR"):
+            env[k] = env[k].replace(str(machine[1]), str(root))
+        kmg = dataclasses.replace(machine[0], env=env)
+        kmg("index", "build", "--from-rpm", str(repo[1][KVER]["kernel-modules"]),
+            str(repo[1][KVER]["kernel-modules-extra"]), check_code=0)
+        return kmg, root
+
+    expected = uninterrupted(fresh)
+    kmg, root = machine
+    run_and_kill_at(kmg, marker)
+    time.sleep(0.5)  # a dnf started before the kill runs on in its own session, as under systemd
+    res = kmg("fix", "--yes", "--json", "--kver", KVER, "0000:00:05.0", "0000:00:06.0", "0000:00:07.0",
+              "/sys/devices/pci0000:00/0000:00:08.0/virtio3")
+    assert res.returncode == 6, res.stderr  # the same ending as an uninterrupted run here
+    assert end_state(kmg, root) == expected
+
+
+def test_initramfs_always_rebuilds_with_real_dracut_and_keeps_the_drivers(machine):
+    kmg, root = machine
+    conf = root / "etc/dracut.conf.d"
+    conf.mkdir(parents=True, exist_ok=True)
+    # a small, generic image: the test's choice of dracut configuration, read by dracut itself
+    (conf / "00-small.conf").write_text('hostonly="no"\ndracutmodules=" base "\ncompress="cat"\n'
+                                        'early_microcode="no"\n')
+    image = root / "boot" / f"initramfs-{KVER}.img"
+    image.parent.mkdir(exist_ok=True)
+    subprocess.run(["dracut", "--kver", KVER, "-k", str(root / "lib/modules" / KVER), "--confdir", str(conf),
+                    "--force", str(image)], check=True, capture_output=True, timeout=300)
+    Path(kmg.env["KMODGUARD_CONFIG_DIR"], "kmodguard.toml").write_text(
+        'backend = "dnf"\ninitramfs = "always"\n[timeouts]\nsettle = 0.2\nlock_wait = 2\n')
+    plan = kmg("fix", "--dry-run", "--json", "--kver", KVER, check_code=3).json
+    assert plan["initramfs"]["rebuild"] is True and plan["initramfs"]["by"] == "package"  # read from the RPM
+    doc = kmg("fix", "--yes", "--json", "--kver", KVER).json
+    s = steps(doc)
+    assert s["initramfs"]["result"] == "done", s["initramfs"]
+    assert "rebuilt with" in s["initramfs"]["detail"]  # the LOGGED scriptlet ran no dracut, kmodguard did
+    listing = subprocess.run(["lsinitrd", str(image)], capture_output=True, text=True, check=True).stdout
+    for name in ("kmg_gpu.ko", "kmg_virtio.ko", "kmg_extra_xz.ko"):
+        assert name in listing, name
+    dropin = (conf / "90-kmodguard.conf").read_text()
+    assert "kmg_gpu" in dropin and "add_drivers+=" in dropin  # later kernels keep them
+    again = kmg("fix", "--yes", "--json", "--kver", KVER, "0000:00:05.0").json
+    assert steps(again)["initramfs"]["result"] in ("done", "skipped")
+    assert "rebuilt" not in steps(again)["initramfs"]["detail"]  # converged: no second rebuild

@@ -8,6 +8,7 @@ indexed package's alias table with the package's own modprobe.d.
 from __future__ import annotations
 
 import os
+import re
 from typing import NamedTuple
 
 from ..config import Config
@@ -35,18 +36,21 @@ def _shown(text: str) -> str:
     return "'" + "".join(one(c) for c in text) + "'"
 
 
+_BUS = re.compile(r"[a-z0-9_]+")
+
+
 def check_modalias(value: str) -> str:
     """A modalias is 'bus:' plus printable ASCII without blanks; anything else is refused."""
     if not isinstance(value, str) or not value:
         raise InvalidInput("an empty string is not a modalias")
     if len(value) > MAX_MODALIAS:
         raise InvalidInput(f"modalias is {len(value)} characters long; the kernel never writes more than {MAX_MODALIAS}")
-    bad = next((c for c in value if not ("!" <= c <= "~")), None)
-    if bad is not None:
+    if not (value.isascii() and value.isprintable()) or " " in value:  # in C; the walk below names the culprit
+        bad = next(c for c in value if not ("!" <= c <= "~"))
         what = _shown(bad) + (" (a byte that is not UTF-8)" if "\udc80" <= bad <= "\udcff" else "")
         raise InvalidInput(f"modalias {_shown(value[:60])} contains {what}: only printable ASCII without blanks is allowed")
     bus, sep, _ = value.partition(":")
-    if not sep or not bus or not all(c.islower() or c.isdigit() or c == "_" for c in bus):
+    if not sep or not _BUS.fullmatch(bus):
         raise InvalidInput(f"{_shown(value[:60])} is not a modalias: it must start with a bus name and ':' (pci:..., usb:...)")
     return value
 
@@ -131,6 +135,8 @@ class Diagnoser:
         self.system_blacklist = (self.installed.blacklist() if self.installed else frozenset()) | _cmdline_blacklist(paths)
         self.ignored_modules = frozenset(m.replace("-", "_") for m in config.ignore.modules)
         self._memo: dict[str, Verdict] = {}
+        self._fw_memo: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._fw_present: frozenset[str] | None = None
 
     @property
     def no_module_support(self) -> bool:
@@ -210,7 +216,8 @@ class Diagnoser:
         usable = [(n, p) for n, p in installed if n not in blocked]
         builtin = any(p is None for _, p in usable)
         vendor = any(p and any(v in p for v in VENDOR_DIRS) for _, p in usable)
-        loaded = [n for n, _ in usable if (self.paths.sysfs / "module" / n).exists()]
+        sys_module = f"{self.paths.sysfs}/module/"
+        loaded = [n for n, _ in usable if os.path.exists(sys_module + n)]
         first = usable[0][0]
         if builtin:
             reason = f"built-in driver {first} matches but did not bind it: see 'dmesg' for why"
@@ -251,10 +258,25 @@ class Diagnoser:
             reason += f" (it names {len(first.firmware_missing)} firmware file(s) absent from the firmware directories)"
         return Verdict("missing", reason, candidates=candidates, blacklisted=sorted(blocked_all))
 
-    def _firmware_missing(self, pkg: PackageIndex, module: str) -> list[str]:
-        record = pkg.modules.get(module)
-        if record is None:
-            return []
-        dirs = self.paths.kernel_firmware_dirs
-        return [fw for fw in record.firmware
-                if not any((d / (fw + sfx)).exists() for d in dirs for sfx in ("", ".xz", ".zst"))]
+    def _firmware_missing(self, pkg: PackageIndex, module: str) -> tuple[str, ...]:
+        key = (pkg.name, module)
+        if key not in self._fw_memo:
+            record = pkg.modules.get(module)
+            present = self._firmware_present()
+            self._fw_memo[key] = tuple(fw for fw in (record.firmware if record else ()) if fw not in present)
+        return self._fw_memo[key]
+
+    def _firmware_present(self) -> frozenset[str]:
+        """Every firmware name the kernel's loader would find, read once (a GPU driver names hundreds)."""
+        if self._fw_present is None:
+            names = set()
+            for top in self.paths.kernel_firmware_dirs:
+                for dirpath, _dirs, files in os.walk(top):
+                    rel = os.path.relpath(dirpath, top)
+                    for f in files:
+                        for sfx in (".xz", ".zst"):
+                            if f.endswith(sfx):
+                                f = f[: -len(sfx)]
+                        names.add(f if rel == "." else f"{rel}/{f}")
+            self._fw_present = frozenset(names)
+        return self._fw_present

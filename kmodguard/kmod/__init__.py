@@ -131,10 +131,13 @@ class Context:
 
     def lookup(self, alias: str) -> list[str]:
         """Module names (as kmod normalises them) that match an alias, in kmod's order, no duplicates."""
-        return [name for name, _path in self.lookup_paths(alias)]
+        return list(self._lookup(alias, with_paths=False))
 
     def lookup_paths(self, alias: str) -> list[tuple[str, str | None]]:
         """(name, path) for each module matching alias; path is None for a built-in module."""
+        return list(self._lookup(alias, with_paths=True).items())
+
+    def _lookup(self, alias: str, with_paths: bool) -> dict[str, str | None]:
         lib = self._lib
         out = ffi.new("struct kmod_list **")
         rc = lib.kmod_module_new_from_lookup(self._ctx, alias.encode("utf-8", "surrogateescape"), out)
@@ -145,10 +148,10 @@ class Context:
         with _ModuleList(lib, out[0]) as modules:
             for mod in modules:
                 name = _text(lib.kmod_module_get_name(mod))
-                if name not in seen:
-                    seen[name] = _text(lib.kmod_module_get_path(mod))
+                if name not in seen:  # the path costs a modules.dep lookup: only when asked
+                    seen[name] = _text(lib.kmod_module_get_path(mod)) if with_paths else None
                 lib.kmod_module_unref(mod)
-        return list(seen.items())
+        return seen
 
     def blacklist(self) -> frozenset[str]:
         """Module names blacklisted by this context's configuration (and modprobe.blacklist=)."""

@@ -1,0 +1,60 @@
+"""`kmodguard status --json`, cold: a fresh process each time, versus `python -c "import asyncio"`.
+
+Both run with the same interpreter and environment, alternating, after warm-up runs (so both
+find their .pyc files and shared libraries in the page cache: "cold" means a new process, not
+a cold disk). status judges this machine's real devices (/sys through pyudev) against the real
+tree's installed core modules and the package index. Medians of N runs; goal ratio <= 1.5.
+Peak RSS of the status process is read by GNU time (or busybox time), not by os.wait4 from this
+process: Linux carries the spawner's peak RSS across exec (goal <= 30 MiB).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from _common import MiB, bench_env, kmodguard_command, median, peak_rss, progress, row, timed
+
+
+def run(world, runs: int = 15, warmup: int = 2, rss_runs: int = 3) -> dict:
+    env = bench_env(world, isolated=False)  # the machine's own /sys and /proc
+    cmd_status = kmodguard_command() + ["status", "--json", "--kver", world.kver]
+    cmd_base = [sys.executable, "-c", "import asyncio"]
+    progress(f"status: {runs} cold runs each (+{warmup} warm-up)")
+    for _ in range(warmup):
+        timed(cmd_status, env)
+        timed(cmd_base, env)
+    st, base = [], []
+    for i in range(runs):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            if which == 0:
+                r = timed(cmd_status, env)
+                assert r.returncode in (0, 3), (r.returncode, r.stdout[-500:], r.stderr[-1000:])
+                st.append(r)
+            else:
+                r = timed(cmd_base, env)
+                assert r.returncode == 0, r.stderr
+                base.append(r)
+    doc = json.loads(st[-1].stdout)
+    t_st, t_base = median(r.wall for r in st), median(r.wall for r in base)
+    progress(f"status: peak RSS, {rss_runs} runs each")
+    rss_st = [peak_rss(cmd_status, env) for _ in range(rss_runs)]
+    rss_base = [peak_rss(cmd_base, env) for _ in range(rss_runs)]
+    rss = max(r for r, _ in rss_st)
+    verdicts = {}
+    for d in doc["devices"]:
+        verdicts[d["verdict"]] = verdicts.get(d["verdict"], 0) + 1
+    rows = [
+        row("status", "kmodguard status --json, cold (median)", t_st, "s", "ratio <= 1.5", t_st / t_base <= 1.5,
+            t_base, 'python -c "import asyncio"', t_st / t_base),
+        row("status", "  peak RSS of the status process", rss / MiB, "MiB", "<= 30 MiB", rss <= 30 * MiB,
+            max(r for r, _ in rss_base) / MiB, 'python -c "import asyncio"', None),
+    ]
+    details = {
+        "runs": runs, "command": cmd_status, "baseline": cmd_base,
+        "status_s": [r.wall for r in st], "baseline_s": [r.wall for r in base],
+        "status_peak_rss_bytes": [r for r, _ in rss_st], "baseline_peak_rss_bytes": [r for r, _ in rss_base],
+        "peak_rss_read_by": rss_st[0][1],
+        "devices": len(doc["devices"]), "verdicts": verdicts, "exit_code": st[-1].returncode,
+    }
+    return {"rows": rows, "details": details}
