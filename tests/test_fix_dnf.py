@@ -369,3 +369,73 @@ def test_initramfs_always_rebuilds_with_real_dracut_and_keeps_the_drivers(machin
     again = kmg("fix", "--yes", "--json", "--kver", KVER, "0000:00:05.0").json
     assert steps(again)["initramfs"]["result"] in ("done", "skipped")
     assert "rebuilt" not in steps(again)["initramfs"]["detail"]  # converged: no second rebuild
+
+
+@pytest.mark.parametrize("where, env, says", [
+    ("container", {"KMODGUARD_CONTAINER": "docker"}, "running in a container (docker)"),
+    ("image mode", {}, "an image-mode system (ostree/bootc)"),
+])
+def test_in_a_container_or_image_mode_fix_plans_and_installs_nothing(machine, where, env, says):
+    kmg, root = machine
+    if where == "image mode":
+        (root / "run").mkdir(exist_ok=True)
+        (root / "run/ostree-booted").touch()
+    kmg = dataclasses.replace(kmg, env={**kmg.env, **env})
+    before, count = installed(root), len(history(root))
+    res = kmg("fix", "--yes", "--kver", KVER)
+    assert res.returncode == 3  # something needs doing, and was not done here
+    assert says in res.stdout and "nothing will be installed or loaded" in res.stdout
+    assert REQ in res.stdout  # the plan is still shown
+    if where == "image mode":
+        assert f"rpm-ostree install '{REQ}' '{REQ_EXTRA}'" in res.stdout  # named, not run
+    doc = kmg("fix", "--yes", "--json", "--kver", KVER, check_code=3).json
+    assert says in doc["blocked"]
+    assert installed(root) == before and len(history(root)) == count
+
+
+JOURNAL_CATCHER = r"""
+import json, os, socket, subprocess, sys
+os.makedirs("/run/systemd/journal", exist_ok=True)
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run/systemd/journal"], check=True)
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.bind("/run/systemd/journal/socket")
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+sock.setblocking(False)
+entries = []
+while True:
+    try:
+        data = sock.recv(1 << 20)
+    except BlockingIOError:
+        break
+    fields, i = {}, 0
+    while i < len(data):  # the journal's native protocol: KEY=value\n, or KEY\n<le64 size><value>\n
+        nl = data.index(b"\n", i)
+        line = data[i:nl]
+        if b"=" in line:
+            k, _, v = line.partition(b"=")
+            i = nl + 1
+        else:
+            k, size = line, int.from_bytes(data[nl + 1:nl + 9], "little")
+            v, i = data[nl + 9:nl + 9 + size], nl + 9 + size + 1
+        fields[k.decode()] = v.decode(errors="replace")
+    entries.append(fields)
+print(json.dumps({"rc": rc, "entries": entries}))
+"""
+
+
+def test_every_step_reaches_the_journal_with_structured_fields(machine):
+    kmg, _ = machine
+    cmd = ["unshare", "-m", "--propagation", "private", sys.executable, "-c", JOURNAL_CATCHER,
+           "umockdev-run", "--device", str(kmg.umockdev), "--", sys.executable, "-m", "kmodguard",
+           "fix", "--yes", "--kver", KVER]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**kmg.env, "JOURNAL_STREAM": "8:1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["rc"] == 6
+    steps_logged = [e.get("KMODGUARD_STEP") for e in doc["entries"] if "KMODGUARD_STEP" in e]
+    assert steps_logged == ["install", "depmod", "load", "probe", "initramfs"]
+    assert all(e.get("SYSLOG_IDENTIFIER") == "kmodguard" for e in doc["entries"])
+    outcomes = {e["DEVICE"]: e["KMODGUARD_OUTCOME"] for e in doc["entries"] if "KMODGUARD_OUTCOME" in e}
+    assert outcomes["/sys/devices/pci0000:00/0000:00:05.0"] == "failed"
+    assert any("dnf output" in e.get("MESSAGE", "") for e in doc["entries"])  # the package manager's output

@@ -155,11 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbosity: int) -> None:
-    if verbosity <= 0:
+    """stderr with -v; the journal, with structured fields (KMODGUARD_STEP=, DEVICE=), when
+    systemd runs us (JOURNAL_STREAM is set) and systemd-python is there."""
+    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
+    if verbosity <= 0 and not under_journal:
         return  # Python's last-resort handler prints warnings and errors on stderr
     import logging
 
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    if under_journal:
+        try:
+            from systemd.journal import JournalHandler
+
+            logging.basicConfig(level=min(level, logging.INFO),
+                                handlers=[JournalHandler(SYSLOG_IDENTIFIER="kmodguard")])
+            return
+        except ImportError:
+            pass
     logging.basicConfig(level=level, format="kmodguard: %(levelname)s: %(message)s", stream=sys.stderr)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -327,6 +328,9 @@ def _print_plan(plan, env) -> None:
     print(f"initramfs: {'rebuild by ' + i.by if i.rebuild else 'unchanged'}: {i.reason}")
     if plan.blocked:
         print(f"Note: {plan.blocked}: nothing will be installed or loaded.")
+        if env.image_mode and plan.install:
+            layer = " ".join(shlex.quote(p.request) for p in plan.install)
+            print(f"To add the drivers to this image: sudo rpm-ostree install {layer} && sudo systemctl reboot")
 
 
 def fix(args) -> int:

@@ -120,7 +120,7 @@ def start_detect(paths: Paths, env=os.environ):
 
 
 def _environment(paths: Paths, container: str | None) -> Environment:
-    image_mode = "ostree" if os.path.exists("/run/ostree-booted") else None
+    image_mode = "ostree" if (paths.root / "run/ostree-booted").exists() else None
     return Environment(
         container=container,
         image_mode=image_mode,

@@ -152,6 +152,8 @@ class Remediation:
 
         backoff = Backoff(self.paths.state_dir)
         for o in outcomes:
+            log.log(logging.INFO if o.outcome == "now-bound" else logging.WARNING, "%s: %s: %s", o.id, o.outcome,
+                    o.reason, extra={"DEVICE": o.syspath, "KMODGUARD_OUTCOME": o.outcome})
             backoff.succeeded(o.id) if o.outcome == "now-bound" else backoff.failed(o.id, o.reason)
         backoff.save()
         return outcomes
@@ -269,8 +271,11 @@ def kernel_reason(kmsg: Path, needles: list[str], tail: int = 400) -> str | None
                 break
             if not record:
                 break
-            text = record.decode(errors="replace")
-            lines.append(text.split(";", 1)[-1].splitlines()[0] if ";" in text else text.strip())
+            # /dev/kmsg gives one record a read ("PRIO,SEQ,USEC,FLAGS;message", then " KEY=value"
+            # lines); a saved log read as a file gives many at once.
+            for line in record.decode(errors="replace").splitlines():
+                if line and not line.startswith(" "):
+                    lines.append(line.split(";", 1)[1] if ";" in line.split(" ", 1)[0] else line)
             lines = lines[-tail:]
     finally:
         os.close(fd)
