@@ -369,7 +369,8 @@ def fix(args) -> int:
                      boot_critical=lambda d: initramfs.boot_critical(d.syspath, paths),
                      decide_initramfs=decide)
     backend = None
-    if plan.install:
+    asks = not args.yes and not args.json
+    if plan.install and (args.dry_run or asks or plan.blocked):  # sizes for a person to decide on
         backend = choose(args.backend or policy.backend, env.package_manager, paths.root,
                          policy.timeouts.package_manager)
         try:  # sizes, when the repository metadata tells them

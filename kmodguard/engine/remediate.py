@@ -77,6 +77,7 @@ class Remediation:
     def __init__(self, paths: Paths, config: Config, backend: Backend, progress: Progress):
         self.paths, self.config, self.backend, self.progress = paths, config, backend, progress
         self.steps: list[Step] = []
+        self.sizes: dict = {}  # request -> Offer, from the repositories, when asked
 
     def _step(self, name: str, result: str, detail: str, started: float) -> None:
         step = Step(name, result, detail, time.monotonic() - started)
@@ -86,6 +87,10 @@ class Remediation:
     def run(self, plan: Plan) -> FixReport:
         with RemediationLock(self.paths.state_dir):
             outcomes = self._run_locked(plan)
+        plan = plan._replace(install=tuple(
+            p._replace(download_size=self.sizes[p.request].download_size,
+                       installed_size=self.sizes[p.request].installed_size) if p.request in self.sizes else p
+            for p in plan.install))
         return FixReport(plan, tuple(self.steps), tuple(outcomes))
 
     def _run_locked(self, plan: Plan) -> list[Outcome]:
@@ -100,6 +105,7 @@ class Remediation:
             self._step("install", "skipped", "already installed: " + ", ".join(p.request for p in plan.install), t)
         else:
             offers = self.backend.query(pending)
+            self.sizes = {o.request: o for o in offers}
             gone = [o.request for o in offers if not o.available]
             if gone:
                 from ..backends.dnf import UNAVAILABLE_HINT
