@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 from .errors import InvalidInput, KmodguardError
+from .fsutil import copy_atomic, fsync_dir
 from .paths import Paths
 
 log = logging.getLogger(__name__)
@@ -462,14 +463,6 @@ def unsupported(paths: Paths) -> str | None:
 _ADD_DRIVERS = re.compile(r"""^\s*add_drivers\s*\+?=\s*(["'])(.*?)\1\s*(?:#.*)?$""")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.kmodguard-tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -480,7 +473,7 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def persisted_drivers(paths: Paths) -> list[str]:
@@ -536,15 +529,9 @@ def snapshot(kver: str, paths: Paths) -> Path | None:
         return None
     dest = snapshot_path(kver, paths)
     paths.state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
     try:
-        shutil.copyfile(image, tmp)
-        shutil.copymode(image, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.rename(tmp, dest)
+        copy_atomic(image, dest, dest.with_name(f".{dest.name}.tmp"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InitramfsFailed(f"cannot keep a copy of {image} in {paths.state_dir}: {exc.strerror or exc}") from None
     return dest
 
@@ -555,16 +542,9 @@ def restore(kver: str, paths: Paths) -> bool:
     if not snap.is_file():
         return False
     image = image_path(kver, paths)
-    tmp = image.with_name(f".{image.name}.kmodguard-restore")
     try:
-        shutil.copyfile(snap, tmp)
-        shutil.copymode(snap, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.rename(tmp, image)
-        _fsync_dir(image.parent)
+        copy_atomic(snap, image, image.with_name(f".{image.name}.kmodguard-restore"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InitramfsFailed(f"cannot restore {image} from {snap}: {exc.strerror or exc}") from None
     return True
 
@@ -750,7 +730,7 @@ def rebuild(kver: str, modules: Iterable[str], paths: Paths, timeout: float = 60
             finally:
                 os.close(fd)
             os.rename(tmp, image)
-            _fsync_dir(image.parent)
+            fsync_dir(image.parent)
         except OSError as exc:
             raise InitramfsFailed(f"cannot replace {image}: {exc.strerror or exc}; the previous image is unchanged") \
                 from None

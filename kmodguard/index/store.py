@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import IndexCorrupt, InvalidInput
+from ..fsutil import fsync_dir
 from ..kmod import Context
 
 FORMAT = "kmodguard-index"
@@ -190,14 +191,6 @@ def kernels(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish(root: Path, kver: str, package: str, staged: Path) -> Path:
     """Make a fully written package directory the current index for (kver, package), atomically.
 
@@ -222,7 +215,7 @@ def publish(root: Path, kver: str, package: str, staged: Path) -> Path:
     if link.exists() and not link.is_symlink():
         raise IndexCorrupt(f"{link} is not an index kmodguard made", hint=f"move {link} away and build again")
     os.rename(tmp_link, link)
-    _fsync_dir(kdir)
+    fsync_dir(kdir)
     current = generation.name
     for stale in kdir.glob(f".{package}.*"):
         if stale.name == current:
