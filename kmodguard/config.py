@@ -151,3 +151,18 @@ def load(config_dir: Path) -> Config:
         read.append(str(path))
     config = validate(merged)
     return config._replace(sources=tuple(read))
+
+
+# What a caller may choose for one fix (D-Bus Fix options, the daemon's fix requests). The
+# allow-list and the mode are the administrator's: no caller widens them.
+FIX_OPTIONS = ("backend", "initramfs")
+
+
+def with_overrides(config: Config, overrides: dict, where: str = "options") -> Config:
+    """The policy with a caller's per-fix choices applied, validated by the same schema."""
+    unknown = sorted(set(overrides) - set(FIX_OPTIONS))
+    if unknown:
+        raise InvalidInput(f"{where}: {', '.join(map(repr, unknown))} cannot be chosen for one fix "
+                           f"(allowed: {', '.join(FIX_OPTIONS)})")
+    checked = validate(overrides, where)
+    return config._replace(**{key: getattr(checked, key) for key in overrides})

@@ -7,9 +7,12 @@ surrogateescape, never handed to a shell, and validated before it reaches libkmo
 from __future__ import annotations
 
 import os
+import re
 from typing import NamedTuple
 
 import pyudev
+
+from .errors import InvalidInput
 
 # Drivers whose only job is to hold a device for a guest or keep it quiet.
 INTENTIONAL_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pciback", "xen-pciback", "vfio-platform", "uio_pci_generic"})
@@ -189,8 +192,25 @@ def enumerate_devices(context: pyudev.Context | None = None) -> list[Device]:
     return sorted(found, key=lambda d: d.syspath)
 
 
+_PCI_ADDRESS = re.compile(r"[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+
+
+def check_ref(ref: str) -> str:
+    """A device reference from a user or a D-Bus caller: a PCI address (0000:00:05.0) or a syspath
+    under /sys/devices (with or without /sys); nothing that walks out of sysfs."""
+    ok = isinstance(ref, str) and 0 < len(ref) <= 4096 and ref.isprintable()
+    if ok and not _PCI_ADDRESS.fullmatch(ref):
+        parts = ref.split("/")
+        ok = ref.startswith(("/sys/devices/", "/devices/", "/sys/bus/")) and ".." not in parts
+    if not ok:
+        raise InvalidInput(f"{ref[:80]!r} is not a device: give a PCI address (0000:00:05.0) or a syspath "
+                           "under /sys/devices", hint="'kmodguard status' lists device ids")
+    return ref
+
+
 def find_device(ref: str, context: pyudev.Context | None = None) -> Device | None:
     """A device by its id (PCI address) or syspath (with or without the /sys prefix)."""
+    check_ref(ref)
     context = context or pyudev.Context()
     candidates = []
     if ref.startswith("/"):

@@ -16,6 +16,21 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write path through a temporary file, fsynced and renamed: readers see old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.kmodguard-tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)  # not narrowed by the umask: the daemon's snapshot is world-readable
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
 def copy_atomic(src: Path, dest: Path, tmp: Path) -> None:
     """Copy src over dest (mode included) through tmp, fsynced, renamed: dest is old or new, never half."""
     try:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 from .errors import InvalidInput, KmodguardError
-from .fsutil import copy_atomic, fsync_dir
+from .fsutil import copy_atomic, fsync_dir, write_atomic
 from .paths import Paths
 
 log = logging.getLogger(__name__)
@@ -463,19 +463,6 @@ def unsupported(paths: Paths) -> str | None:
 _ADD_DRIVERS = re.compile(r"""^\s*add_drivers\s*\+?=\s*(["'])(.*?)\1\s*(?:#.*)?$""")
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.kmodguard-tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(path.parent)
-
-
 def persisted_drivers(paths: Paths) -> list[str]:
     """The drivers in kmodguard's dracut drop-in (sorted), [] when there is none."""
     text = _read(paths.dracut_conf_dir / DROP_IN) or ""
@@ -510,7 +497,7 @@ def persist_drivers(modules: Iterable[str], paths: Paths) -> Path:
     if _read(path) == text.strip():
         return path
     paths.dracut_conf_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, text.encode())
+    write_atomic(path, text.encode())
     log.info("dracut drop-in %s: %s", path, " ".join(drivers))
     return path
 

@@ -25,6 +25,7 @@ ENVIRONMENT = {
     "boot_dir": "KMODGUARD_BOOT_DIR",
     "dracut_conf_dir": "KMODGUARD_DRACUT_CONF_DIR",
     "kmsg": "KMODGUARD_KMSG",
+    "motd_dir": "KMODGUARD_MOTD_DIR",
 }
 
 
@@ -54,6 +55,7 @@ class Paths(NamedTuple):
     boot_dir: Path = Path("/boot")  # initramfs images
     dracut_conf_dir: Path = Path("/etc/dracut.conf.d")
     kmsg: Path = Path("/dev/kmsg")  # the kernel log, for why a driver refused a device
+    motd_dir: Path = Path("/run/motd.d")  # the daemon's message of the day fragment (offer mode)
 
     @classmethod
     def from_environment(cls, env=os.environ, **overrides) -> "Paths":
@@ -90,3 +92,7 @@ class Paths(NamedTuple):
     def snapshot(self) -> Path:
         """The daemon's world-readable state snapshot."""
         return self.runtime_dir / "state.json"
+
+    @property
+    def motd(self) -> Path:
+        return self.motd_dir / "kmodguard"

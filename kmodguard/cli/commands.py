@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
 from pathlib import Path
 
-from .. import config as config_mod
-from ..engine import environment
-from ..engine.diagnosis import NEEDS_ACTION, Diagnoser, check_modalias
+from ..engine.api import Engine, needs_action
+from ..engine.diagnosis import check_modalias
 from ..errors import ExitCode, InvalidInput
 from ..paths import Paths
 from .output import HEADINGS, ORDER, emit_json, install_command, progress, safe, table
@@ -22,57 +20,23 @@ def make_paths(args) -> Paths:
     )
 
 
-def _engine(args, meanwhile=lambda: None):
-    """Paths, environment and a Diagnoser; `meanwhile` runs while the environment is probed."""
-    paths = make_paths(args)
-    policy = config_mod.load(paths.config_dir)
-    pending = environment.start_detect(paths)
-    extra = meanwhile()
-    env = pending()
-    return paths, env, Diagnoser(paths, policy, env), extra
-
-
-def _index_json(diagnoser: Diagnoser) -> dict:
-    idx = diagnoser.index
-    return {
-        "dir": str(idx.dir),
-        "packages": [{"package": p.name, "version": p.version, "modules": p.module_count} for p in idx.packages],
-        "errors": [{"package": name, "message": e.message} for name, e in idx.errors.items()],
-    }
-
-
-def _daemon_snapshot(paths: Paths) -> dict | None:
-    try:
-        snap = json.loads(paths.snapshot.read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-    return snap if isinstance(snap, dict) else None
-
-
 def _exit_for(verdicts) -> int:
-    return ExitCode.ACTION_NEEDED if any(v.verdict in NEEDS_ACTION for v in verdicts) else ExitCode.OK
+    return ExitCode.ACTION_NEEDED if needs_action(verdicts) else ExitCode.OK
 
 
 # --- status -------------------------------------------------------------------------------
 
 def status(args) -> int:
     from ..devices import enumerate_devices
+    from ..engine.state import read_snapshot
 
-    paths, env, diagnoser, devices = _engine(args, meanwhile=enumerate_devices)
-    judged = [(d, diagnoser.diagnose(d)) for d in devices]
+    paths = make_paths(args)
+    engine = Engine(paths, meanwhile=enumerate_devices)
+    judged = engine.judge(engine.meanwhile_result)
     if args.json:
-        emit_json({
-            "kernel": paths.kver,
-            "environment": {**env.as_json(), "index": _index_json(diagnoser)},
-            "daemon": _daemon_snapshot(paths),
-            "devices": [{
-                "id": d.id, "syspath": d.syspath, "subsystem": d.subsystem, "modalias": d.modalias,
-                "driver": d.driver, **v.as_json(),
-                **({"pci": d.pci.as_json()} if d.pci else {}),
-            } for d, v in judged],
-        })
+        emit_json(engine.status_document(judged, read_snapshot(paths.snapshot)))
     else:
-        _print_status(paths, env, diagnoser, judged, show_all=args.all)
+        _print_status(paths, engine.env, engine.diagnoser, judged, show_all=args.all)
     return _exit_for(v for _, v in judged)
 
 
@@ -157,10 +121,13 @@ def _checked(value: str, where: str) -> str:
 
 def explain(args) -> int:
     modaliases = _read_modaliases(args.modaliases)
-    paths, env, diagnoser, _ = _engine(args)
-    results = [(m, diagnoser.explain(m)) for m in modaliases]
+    paths = make_paths(args)
+    engine = Engine(paths)
+    env, diagnoser = engine.env, engine.diagnoser
+    doc, verdicts = engine.explain_document(modaliases)
+    results = list(zip(modaliases, verdicts))
     if args.json:
-        emit_json({"kernel": paths.kver, "results": [{"modalias": m, **v.as_json()} for m, v in results]})
+        emit_json(doc)
     else:
         for note in _notes(paths, env, diagnoser):
             print(note, file=sys.stderr)
@@ -334,74 +301,112 @@ def _print_plan(plan, env) -> None:
 
 
 def fix(args) -> int:
-    from .. import initramfs
-    from ..backends import choose
-    from ..devices import enumerate_devices, find_device
-    from ..engine.plan import make_plan
-    from ..engine.state import Backoff
-    from ..errors import KmodguardError, NotAuthorized
+    from ..engine.state import read_snapshot
 
+    paths = make_paths(args)
+    if args.request:
+        return _fix_request(args, paths)
+    if not args.dry_run and not args.local:
+        daemon = read_snapshot(paths.snapshot)
+        if daemon and daemon.get("bus"):
+            return _fix_through_daemon(args, paths)
     if not args.dry_run and os.geteuid() != 0:
+        from ..errors import NotAuthorized
+
         raise NotAuthorized("fixing devices installs packages and loads modules: run it as root",
                             hint="'kmodguard fix --dry-run' shows the plan without root")
-    paths = make_paths(args)
-    policy = config_mod.load(paths.config_dir)
-    env = environment.detect(paths)
-    diagnoser = Diagnoser(paths, policy, env)
-    if args.devices:
-        devices = []
-        for ref in args.devices:
-            device = find_device(ref)
-            if device is None:
-                raise InvalidInput(f"no device {ref!r}", hint="'kmodguard status' lists device ids")
-            devices.append(device)
-    else:
-        backoff = Backoff(paths.state_dir)
-        devices = [d for d in enumerate_devices() if not backoff.waiting(d.id)]
-    judged = [(d, diagnoser.diagnose(d)) for d in devices]
-    packages = {p.name: p for p in diagnoser.index.packages}
-
-    def decide(modules, critical, install):
-        by_package = any(packages[p].rebuilds_initramfs for p in install if p in packages)
-        return initramfs.decide(modules, critical, policy.initramfs, by_package, initramfs.unsupported(paths))
-
-    plan = make_plan(paths.kver, judged, policy, blocked=env.why_not,
-                     boot_critical=lambda d: initramfs.boot_critical(d.syspath, paths),
-                     decide_initramfs=decide)
+    engine = Engine(paths)
+    plan = engine.plan(engine.judge(engine.select(args.devices)))
     backend = None
     asks = not args.yes and not args.json
     if plan.install and (args.dry_run or asks or plan.blocked):  # sizes for a person to decide on
-        backend = choose(args.backend or policy.backend, env.package_manager, paths.root,
-                         policy.timeouts.package_manager)
-        try:  # sizes, when the repository metadata tells them
-            offers = {o.request: o for o in backend.query([p.request for p in plan.install])}
-            plan = plan._replace(install=tuple(
-                p._replace(download_size=offers[p.request].download_size,
-                           installed_size=offers[p.request].installed_size) if p.request in offers else p
-                for p in plan.install))
-        except KmodguardError as exc:
-            progress(f"could not ask the repositories for sizes: {exc.message}")
+        backend = engine.backend(args.backend)
+        plan = engine.with_sizes(plan, backend, progress)
     if args.dry_run or not plan.needs_action or plan.blocked:
         if args.json:
             emit_json(plan.as_json())
         else:
-            _print_plan(plan, env)
+            _print_plan(plan, engine.env)
         return ExitCode.ACTION_NEEDED if plan.needs_action else ExitCode.OK
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise InvalidInput("refusing to change the system without --yes when not asked on a terminal")
-        _print_plan(plan, env)
-        if input("Proceed? [y/N] ").strip().lower() not in ("y", "yes"):
-            print("nothing done")
-            return ExitCode.ACTION_NEEDED
-    from ..engine.remediate import Remediation
+    if not args.yes and not _confirmed(plan, engine.env):
+        return ExitCode.ACTION_NEEDED
+    code, doc = engine.run_fix(plan, backend or engine.backend(args.backend), progress)
+    _print_fix(doc, args.json)
+    return code
 
-    backend = backend or choose(args.backend or policy.backend, env.package_manager, paths.root,
-                         policy.timeouts.package_manager)
-    report = Remediation(paths, policy, backend, progress).run(plan)
-    if args.json:
-        emit_json(report.as_json())
-    else:
-        for o in report.devices:
-            print(f"{safe(o.id, 60)}: {o.outcome}: {safe(o.reason)}")
-    return report.exit_code
+
+def _confirmed(plan, env) -> bool:
+    if not sys.stdin.isatty():
+        raise InvalidInput("refusing to change the system without --yes when not asked on a terminal")
+    _print_plan(plan, env)
+    if input("Proceed? [y/N] ").strip().lower() in ("y", "yes"):
+        return True
+    print("nothing done")
+    return False
+
+
+def _print_fix(doc: dict, as_json: bool) -> None:
+    if as_json:
+        emit_json(doc)
+        return
+    for o in doc["outcomes"]:
+        print(f"{safe(o['id'], 60)}: {o['outcome']}: {safe(o['reason'])}")
+
+
+def _fix_request(args, paths) -> int:
+    """The fix the daemon asked for (kmodguard-fix.service, or the daemon's child process):
+    devices and per-fix options from the request file, which is removed once the fix has run to
+    its end, whatever the outcome; a request left behind by a kill is resumed by the daemon."""
+    from .. import config as config_mod
+    from ..engine import state
+
+    if args.devices or args.dry_run:
+        raise InvalidInput("--request names the devices itself; it does not go with DEVICE or --dry-run")
+    request = state.read_request(Path(args.request))
+    policy = config_mod.with_overrides(config_mod.load(paths.config_dir), request["overrides"],
+                                       where=f"{args.request}: overrides")
+    engine = Engine(paths, policy)
+    devices = engine.select(request["devices"], missing_ok=True) if request["devices"] else []
+    plan = engine.plan(engine.judge(devices))
+    try:
+        if plan.blocked or not plan.needs_action:
+            report = {**plan.as_json(), "steps": [], "outcomes": []}
+            state.record_fix(paths.state_dir, {"id": request["id"], "requested_by": request.get("requested_by"),
+                                               "devices": request["devices"], "exit_code": int(ExitCode.OK),
+                                               "report": report, "nothing_to_do": True})
+            _print_fix(report, args.json)
+            return ExitCode.OK
+        code, doc = engine.run_fix(plan, engine.backend(args.backend), progress, request=request)
+        _print_fix(doc, args.json)
+        return code
+    finally:
+        state.finish_request(paths.state_dir, request["id"])
+
+
+def _fix_through_daemon(args, paths) -> int:
+    """A daemon runs: it does the fix (and authorizes the caller, root or polkit) so that two
+    remediations never race and the transaction survives this command being interrupted."""
+    from . import client
+
+    if args.json and not args.yes:
+        raise InvalidInput("--json needs --yes: a fix that asks first prints no JSON")
+    if not args.yes:
+        engine = Engine(paths)
+        plan = engine.plan(engine.judge(engine.select(args.devices)))
+        if not plan.needs_action or plan.blocked:
+            _print_plan(plan, engine.env)
+            return ExitCode.ACTION_NEEDED if plan.needs_action else ExitCode.OK
+        if not _confirmed(plan, engine.env):
+            return ExitCode.ACTION_NEEDED
+    options = {"backend": args.backend} if args.backend else {}
+    code, doc = client.fix(args.devices, options, progress)
+    _print_fix(doc, args.json)
+    return code
+
+
+# --- daemon -------------------------------------------------------------------------------
+
+def daemon(args) -> int:
+    from ..daemon import run
+
+    return run(make_paths(args), use_bus=not args.no_bus)

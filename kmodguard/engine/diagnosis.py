@@ -138,6 +138,13 @@ class Diagnoser:
         self._fw_memo: dict[tuple[str, str], tuple[str, ...]] = {}
         self._fw_present: frozenset[str] | None = None
 
+    def new_round(self) -> None:
+        """Forget memoised verdicts and firmware: a module may have loaded, firmware may have
+        arrived since (the libkmod contexts and indexes stay: callers check those for changes)."""
+        self._memo.clear()
+        self._fw_memo.clear()
+        self._fw_present = None
+
     @property
     def no_module_support(self) -> bool:
         return self.installed is None and not self.environment.module_support

@@ -1,7 +1,15 @@
-"""Small persistent state under STATE_DIR: the remediation lock and per-device back-off.
+"""Small persistent state: the remediation lock, per-device back-off, fix requests and results,
+and the daemon's snapshot.
 
-Remediation itself converges from the system (rpm database, sysfs, initramfs contents); this
-file only remembers failures, so that a device that keeps failing is not retried in a storm.
+Remediation itself converges from the system (rpm database, sysfs, initramfs contents); these
+files only remember what a person or the daemon asked for and how it ended:
+
+  STATE_DIR/fix.lock          one remediation at a time (flock; released when its holder dies)
+  STATE_DIR/backoff.json      failures per device, so that a failing device is not retried in a storm
+  STATE_DIR/fix-request.json  a fix the daemon asked for; removed when it has run to its end, so a
+                              request still there with the lock free is an interrupted fix to resume
+  STATE_DIR/last-fix.json     the report of the last fix that ran to its end
+  RUNTIME_DIR/state.json      the daemon's world-readable snapshot (attached to `status` as "daemon")
 """
 
 from __future__ import annotations
@@ -9,10 +17,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 
-from ..errors import Busy
+from ..errors import Busy, InvalidInput
+from ..fsutil import write_atomic
 
 BACKOFF_FIRST = 300.0  # seconds after the first failure
 BACKOFF_MAX = 86400.0
@@ -73,6 +83,108 @@ class Backoff:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.entries, indent=1, sort_keys=True).encode(), 0o600)
+
+
+def lock_held(state_dir: Path) -> bool:
+    """Is a remediation running right now (someone holds STATE_DIR/fix.lock)?"""
+    try:
+        fd = os.open(Path(state_dir) / "fix.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        doc = json.loads(Path(path).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+# --- fix requests and results ------------------------------------------------------------------
+
+REQUEST_FILE = "fix-request.json"
+LAST_FIX_FILE = "last-fix.json"
+
+
+def write_request(state_dir: Path, devices: list[str], requested_by: str, overrides: dict | None = None) -> dict:
+    """Record a fix the daemon wants run (by the oneshot unit or a child process); returns it."""
+    request = {"id": secrets.token_hex(8), "devices": list(devices), "requested_by": requested_by,
+               "overrides": dict(overrides or {}), "created": time.time()}
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(state_dir) / REQUEST_FILE, json.dumps(request, indent=1).encode(), 0o600)
+    return request
+
+
+def read_request(path: Path) -> dict:
+    """A fix request file, checked: its shape is the only thing trusted from it."""
+    doc = _read_json(path)
+    if doc is None:
+        raise InvalidInput(f"{path} is not a kmodguard fix request (unreadable or not JSON)")
+    devices, overrides = doc.get("devices"), doc.get("overrides", {})
+    if (not isinstance(doc.get("id"), str) or not isinstance(devices, list)
+            or not all(isinstance(d, str) and d for d in devices) or not isinstance(overrides, dict)):
+        raise InvalidInput(f"{path} is not a kmodguard fix request (needs id, devices, overrides)")
+    return doc
+
+
+def pending_request(state_dir: Path) -> dict | None:
+    """The request of a fix that did not run to its end, if any."""
+    path = Path(state_dir) / REQUEST_FILE
+    if not path.exists():
+        return None
+    try:
+        return read_request(path)
+    except InvalidInput:
+        return None
+
+
+def finish_request(state_dir: Path, request_id: str) -> None:
+    """The fix for this request ran to its end: forget the request (only if it is still that one)."""
+    path = Path(state_dir) / REQUEST_FILE
+    current = _read_json(path)
+    if current is not None and current.get("id") == request_id:
+        path.unlink(missing_ok=True)
+
+
+def record_fix(state_dir: Path, record: dict) -> None:
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(state_dir) / LAST_FIX_FILE, json.dumps(record, indent=1).encode(), 0o644)
+
+
+def last_fix(state_dir: Path) -> dict | None:
+    return _read_json(Path(state_dir) / LAST_FIX_FILE)
+
+
+# --- the daemon's snapshot ---------------------------------------------------------------------
+
+
+def write_snapshot(path: Path, doc: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(path), json.dumps(doc, indent=1).encode(), 0o644)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's (root's) process: alive
+    return True
+
+
+def read_snapshot(path: Path) -> dict | None:
+    """The daemon's snapshot, or None when no daemon runs (no file, or its writer is gone)."""
+    doc = _read_json(path)
+    return doc if doc is not None and _alive(doc.get("pid")) else None

@@ -1,0 +1,161 @@
+"""The engine as its fronts use it: the CLI and the daemon (and through it D-Bus) ask the same
+questions here and get the same documents back (the Contract's JSON shapes).
+
+No transport code: nothing here prints, parses options or touches a bus.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+from .. import config as config_mod
+from ..devices import Device
+from ..errors import InvalidInput, KmodguardError
+from ..paths import Paths
+from . import environment
+from .diagnosis import NEEDS_ACTION, Diagnoser, Verdict, check_modalias
+from .plan import Plan
+
+Judged = list[tuple[Device, Verdict]]
+
+
+class Engine:
+    """Paths, policy, environment and a Diagnoser for one kernel, made once per question."""
+
+    def __init__(self, paths: Paths, policy: config_mod.Config | None = None,
+                 env: environment.Environment | None = None, meanwhile: Callable[[], object] = lambda: None):
+        """`meanwhile` runs while the environment is probed (status enumerates devices there)."""
+        self.paths = paths
+        self.policy = policy if policy is not None else config_mod.load(paths.config_dir)
+        pending = environment.start_detect(paths) if env is None else (lambda: env)
+        self.meanwhile_result = meanwhile()
+        self.env = pending()
+        self.diagnoser = Diagnoser(paths, self.policy, self.env)
+
+    # --- judging ---------------------------------------------------------------------------
+
+    def judge(self, devices: Iterable[Device]) -> Judged:
+        return [(d, self.diagnoser.diagnose(d)) for d in devices]
+
+    def index_json(self) -> dict:
+        idx = self.diagnoser.index
+        return {
+            "dir": str(idx.dir),
+            "packages": [{"package": p.name, "version": p.version, "modules": p.module_count} for p in idx.packages],
+            "errors": [{"package": name, "message": e.message} for name, e in idx.errors.items()],
+        }
+
+    def status_document(self, judged: Judged, daemon: dict | None) -> dict:
+        return {
+            "kernel": self.paths.kver,
+            "environment": {**self.env.as_json(), "index": self.index_json()},
+            "daemon": daemon,
+            "devices": [device_json(d, v) for d, v in judged],
+        }
+
+    def explain_document(self, modaliases: list[str]) -> tuple[dict, list[Verdict]]:
+        verdicts = [self.diagnoser.explain(check_modalias(m)) for m in modaliases]
+        return ({"kernel": self.paths.kver,
+                 "results": [{"modalias": m, **v.as_json()} for m, v in zip(modaliases, verdicts)]}, verdicts)
+
+    # --- planning ----------------------------------------------------------------------------
+
+    def select(self, refs: list[str], *, honour_backoff: bool = True, missing_ok: bool = False) -> list[Device]:
+        """The devices named (ids or syspaths), or every device with a modalias; named devices
+        are taken even while they back off after failures, the others are not. missing_ok: a
+        named device that is gone (unplugged since) is left out instead of refused."""
+        from ..devices import enumerate_devices, find_device
+
+        if refs:
+            devices = []
+            for ref in refs:
+                device = find_device(ref)
+                if device is None and not missing_ok:
+                    raise InvalidInput(f"no device {ref!r}", hint="'kmodguard status' lists device ids")
+                if device is not None:
+                    devices.append(device)
+            return devices
+        devices = enumerate_devices()
+        if not honour_backoff:
+            return devices
+        from .state import Backoff
+
+        backoff = Backoff(self.paths.state_dir)
+        return [d for d in devices if not backoff.waiting(d.id)]
+
+    def plan(self, judged: Judged, *, boot_critical: bool = True) -> Plan:
+        """One plan for these devices. boot_critical=False skips the (sysfs-walking) question of
+        which devices are needed before the real root is mounted: the daemon's triage uses it."""
+        from .. import initramfs
+        from .plan import make_plan
+
+        packages = {p.name: p for p in self.diagnoser.index.packages}
+        unsupported = initramfs.unsupported(self.paths) if boot_critical else None
+
+        def decide(modules, critical, install):
+            by_package = any(packages[p].rebuilds_initramfs for p in install if p in packages)
+            return initramfs.decide(modules, critical, self.policy.initramfs, by_package, unsupported)
+
+        if not boot_critical:
+            return make_plan(self.paths.kver, judged, self.policy, blocked=self.env.why_not)
+        return make_plan(self.paths.kver, judged, self.policy, blocked=self.env.why_not,
+                         boot_critical=lambda d: initramfs.boot_critical(d.syspath, self.paths),
+                         decide_initramfs=decide)
+
+    def backend(self, name: str | None = None):
+        from ..backends import choose
+
+        return choose(name or self.policy.backend, self.env.package_manager, self.paths.root,
+                      self.policy.timeouts.package_manager)
+
+    def with_sizes(self, plan: Plan, backend, progress: Callable[[str], None]) -> Plan:
+        """The plan with download and installed sizes, when the repository metadata tells them."""
+        if not plan.install:
+            return plan
+        try:
+            offers = {o.request: o for o in backend.query([p.request for p in plan.install])}
+        except KmodguardError as exc:
+            progress(f"could not ask the repositories for sizes: {exc.message}")
+            return plan
+        return plan._replace(install=tuple(
+            p._replace(download_size=offers[p.request].download_size,
+                       installed_size=offers[p.request].installed_size) if p.request in offers else p
+            for p in plan.install))
+
+    # --- fixing ------------------------------------------------------------------------------
+
+    def run_fix(self, plan: Plan, backend, progress: Callable[[str], None], *, request: dict | None = None):
+        """Carry out the plan (engine.remediate), then record how it ended in STATE_DIR/last-fix.json
+        whatever happened, and put the devices of a fix that failed before probing on back-off.
+        Returns (exit code, document); a KmodguardError is re-raised after it is recorded."""
+        from . import state
+        from .remediate import Remediation
+
+        started = time.time()
+        acting = [d.id for d in plan.devices if d.action in ("install", "load")]
+        record = {"id": (request or {}).get("id"), "requested_by": (request or {}).get("requested_by", "cli"),
+                  "devices": acting, "started": started}
+        try:
+            report = Remediation(self.paths, self.policy, backend, progress).run(plan)
+        except KmodguardError as exc:
+            backoff = state.Backoff(self.paths.state_dir)
+            for device_id in acting:
+                backoff.failed(device_id, exc.message)
+            backoff.save()
+            state.record_fix(self.paths.state_dir, {**record, "finished": time.time(), "exit_code": int(exc.exit_code),
+                                                    **exc.as_json()})
+            raise
+        doc = report.as_json()
+        state.record_fix(self.paths.state_dir, {**record, "finished": time.time(), "exit_code": report.exit_code,
+                                                "report": doc})
+        return report.exit_code, doc
+
+
+def device_json(d: Device, v: Verdict) -> dict:
+    return {"id": d.id, "syspath": d.syspath, "subsystem": d.subsystem, "modalias": d.modalias,
+            "driver": d.driver, **v.as_json(), **({"pci": d.pci.as_json()} if d.pci else {})}
+
+
+def needs_action(verdicts: Iterable[Verdict]) -> bool:
+    return any(v.verdict in NEEDS_ACTION for v in verdicts)
