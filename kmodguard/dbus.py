@@ -23,6 +23,11 @@ _introspection = importlib.import_module(f"{_LIB}.introspection")
 
 LIBRARY = _LIB
 
+# kmodguard's own names on the bus (units/org.kmodguard.Daemon1.xml documents the interface)
+BUS_NAME = INTERFACE = "org.kmodguard.Daemon1"
+OBJECT_PATH = "/org/kmodguard/Daemon1"
+ERROR_PREFIX = "org.kmodguard.Error."
+
 # connections and messages
 MessageBus = _aio.MessageBus  # asyncio flavour
 Message = _root.Message
@@ -67,7 +72,7 @@ async def connect(bus_address: str | None = None, *, system: bool = True):
 
 
 __all__ = [
-    "LIBRARY", "MessageBus", "Message", "Variant", "BusType", "MessageType", "MessageFlag", "NameFlag",
+    "LIBRARY", "BUS_NAME", "INTERFACE", "OBJECT_PATH", "ERROR_PREFIX", "MessageBus", "Message", "Variant", "BusType", "MessageType", "MessageFlag", "NameFlag",
     "RequestNameReply", "PropertyAccess", "ErrorType", "DBusError", "InvalidAddressError", "AuthError",
     "ServiceInterface", "method", "signal", "dbus_property", "IntrospectionNode", "parse_introspection",
     "connect",

@@ -108,13 +108,35 @@ def build_parser() -> argparse.ArgumentParser:
         --dry-run prints the plan and touches nothing (no root needed). Every run converges from the
         system's state: after an interruption, running it again does only what is still missing.
         DEVICE is a device id (a PCI address such as 0000:00:05.0) or a syspath; default: every
-        device that needs it (devices backing off after failures are left out unless named).""")
+        device that needs it (devices backing off after failures are left out unless named).
+        When the kmodguard daemon runs, it carries out the fix (one at a time, machine-wide) and
+        authorizes the caller: root, or a user polkit allows (action org.kmodguard.fix).
+        Every real run records its report in STATE_DIR/last-fix.json.""")
     fix.add_argument("devices", nargs="*", metavar="DEVICE", help="device ids or syspaths")
     fix.add_argument("--dry-run", action="store_true", default=False, help="print the plan only")
     fix.add_argument("-y", "--yes", action="store_true", default=False, help="do not ask for confirmation")
     fix.add_argument("--backend", choices=("auto", "dnf", "dnf5", "packagekit", "apt", "zypper"), default=None,
                      help="package manager to use (default: policy 'backend', else the distribution's)")
+    fix.add_argument("--local", action="store_true", default=False,
+                     help="fix in this process even when the daemon runs (needs root; by default a running "
+                          "daemon does the fix and authorizes the caller through polkit)")
+    fix.add_argument("--request", metavar="FILE", default=None,
+                     help="run the fix the daemon recorded in FILE (kmodguard-fix.service uses this)")
     fix.set_defaults(func="fix")
+
+    daemon = command("daemon", "watch udev and act on policy (the service kmodguard.service runs)", """\
+        Run in the foreground (systemd's Type=notify service, or by hand): judge every device at start
+        (coldplug), then every device udev adds, binds, unbinds or removes, once udev has been quiet for
+        timeouts.settle seconds (a burst such as 64 new SR-IOV VFs is ONE decision). Devices that need a
+        driver are announced in the journal, on D-Bus (org.kmodguard.Daemon1) and in the MOTD
+        (/run/motd.d/kmodguard), and in mode 'auto' fixed (one remediation per burst, out of process:
+        kmodguard-fix.service under systemd, a child process otherwise). A world-readable snapshot of
+        the daemon's state is kept in RUNTIME_DIR/state.json ('kmodguard status' attaches it).
+        SIGHUP reloads the policy and the indexes; SIGTERM stops. Logs go to the journal under systemd,
+        else to stderr (one JSON object a line with --json).""")
+    daemon.add_argument("--no-bus", action="store_true", default=False,
+                        help="do not use D-Bus (no signals, no remote fix; the snapshot and MOTD still work)")
+    daemon.set_defaults(func="daemon")
 
     index = command("index", "build and inspect the package index", """\
         kmodguard keeps, per kernel version and per package, an index of the modules in kernel
@@ -154,13 +176,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbosity: int) -> None:
+class _JsonLines:
+    """A logging formatter: one JSON object a line, with the structured fields of the record."""
+
+    def format(self, record) -> str:
+        import json
+
+        doc = {"t": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
+               "message": record.getMessage()}
+        doc.update({k.lower(): v for k, v in record.__dict__.items() if k.isupper()})
+        return json.dumps(doc, ensure_ascii=True)
+
+
+def _setup_logging(verbosity: int, json_lines: bool = False) -> None:
     """stderr with -v; the journal, with structured fields (KMODGUARD_STEP=, DEVICE=), when
     systemd runs us (JOURNAL_STREAM is set) and systemd-python is there."""
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
     if verbosity <= 0 and not under_journal:
         return  # Python's last-resort handler prints warnings and errors on stderr
     import logging
+
+    if json_lines and not under_journal:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JsonLines())
+        logging.basicConfig(level=logging.INFO if verbosity <= 1 else logging.DEBUG, handlers=[handler])
+        return
 
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     if under_journal:
@@ -184,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             if not hasattr(args, name):
                 setattr(args, name, default)
         want_json = args.json
-        _setup_logging(args.verbose)
+        if getattr(args, "func", None) == "daemon":  # a service logs what it does: INFO at least
+            _setup_logging(max(1, args.verbose), json_lines=args.json)
+        else:
+            _setup_logging(args.verbose)
         if not getattr(args, "func", None):
             build_parser().print_help(sys.stderr)
             return ExitCode.USAGE

@@ -1,0 +1,537 @@
+"""The daemon: coldplug at start, udev events afterwards, one decision per burst, offers or fixes.
+
+Everything runs on one asyncio loop in one thread (libkmod contexts are not thread-safe). Events
+are gathered per syspath and judged together once udev has been quiet for `timeouts.settle`
+seconds (the window udev needs to load an installed driver, and the window that turns an SR-IOV
+`sriov_numvfs` write of 64 VFs into ONE decision and, in auto mode, ONE remediation). The fix
+itself runs out of process (runner.py); the daemon converges from the system after it.
+
+Fronts subscribe through `Publisher` (the D-Bus interface is one); the daemon imports no bus code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import pyudev
+
+from .. import config as config_mod
+from ..devices import Device, from_udev
+from ..engine import state
+from ..engine.api import Engine, device_json
+from ..engine.diagnosis import NEEDS_ACTION, Verdict
+from ..errors import InvalidInput, KmodguardError
+from ..paths import Paths
+from . import runner as runners
+from . import systemd
+from .monitor import UdevWatch
+
+log = logging.getLogger("kmodguard.daemon")
+
+MAX_BATCH_EXTRA = 5.0  # a burst that never goes quiet is still judged this long after its window
+EVENT_LOG = 64  # recent events kept in the snapshot
+STILL_NEEDS = "still needs a driver after kmodguard fix"
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Held(NamedTuple):
+    """A device the daemon holds as needing a package or a module."""
+
+    device: Device
+    verdict: Verdict
+    action: str  # the plan's: install | load | refused | none
+    since: float
+
+    @property
+    def candidate(self):
+        return self.verdict.candidates[0] if self.verdict.candidates else None
+
+    @property
+    def module(self) -> str | None:
+        if self.candidate:
+            return self.candidate.module
+        usable = [m for m in self.verdict.installed_modules if m not in self.verdict.blacklisted]
+        return usable[0] if usable else None
+
+    def as_json(self) -> dict:
+        return {**device_json(self.device, self.verdict), "action": self.action, "since": _iso(self.since),
+                "package": self.candidate.package if self.candidate else None, "module": self.module}
+
+
+class Publisher:
+    """What a front (D-Bus) hears about. Every method is a no-op here."""
+
+    def needs_driver(self, held: Held) -> None: ...
+    def resolved(self, device_id: str, verdict: str) -> None: ...
+    def fix_progress(self, request_id: str, message: str) -> None: ...
+    def fix_finished(self, request_id: str, exit_code: int, record: dict) -> None: ...
+    def changed(self) -> None: ...
+
+
+class Daemon:
+    def __init__(self, paths: Paths, policy: config_mod.Config):
+        self.paths = paths
+        self.policy = policy
+        self.publisher: Publisher = Publisher()
+        self.bus_name: str | None = None
+        self.since = time.time()
+        self.engine: Engine | None = None
+        self._fingerprint = None
+        self.held: dict[str, Held] = {}
+        self.pending: dict[str, float] = {}  # syspath -> time of its first event in this burst
+        self._burst_started = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self.decisions = 0
+        self.fixes = 0
+        self.events: collections.deque = collections.deque(maxlen=EVENT_LOG)
+        self.last_fix: dict | None = state.last_fix(paths.state_dir)
+        self.fix_running = False
+        self._fix_lock = asyncio.Lock()
+        self._fix_task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+        self._noted: set[str] = set()  # unindexed devices already told about
+        self.runner = None
+        self.watch: UdevWatch | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Watch, then scan (an event between the two is judged twice, never lost), then resume."""
+        self.loop = asyncio.get_running_loop()
+        self.runner = await runners.choose()
+        self.watch = UdevWatch(self.loop, self.on_event, self.rescan)
+        self._resume()  # before the first decision: an interrupted fix goes first
+        self.decide(None)
+        log.info("watching %s events; %d device(s) need a driver; mode %s; fixes run as %s",
+                 self.watch.source, len(self.held), self.policy.mode, self.runner.name,
+                 extra=systemd.fields("started"))
+        systemd.notify(READY=1, STATUS=self.status_line())
+
+    async def run(self) -> None:
+        """Until SIGTERM/SIGINT; SIGHUP reloads the configuration and the indexes."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.start()
+        period = systemd.watchdog_period()
+        if period:
+            self._watchdog(period)
+        await self._stop.wait()
+        systemd.notify(STOPPING=1, STATUS="stopping")
+        log.info("stopping")
+        self.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        if self.watch:
+            self.watch.close()
+        for timer in (self._timer, self._retry_timer):
+            if timer:
+                timer.cancel()
+        # The snapshot speaks for a running daemon only; the MOTD would go stale unattended.
+        for path in (self.paths.snapshot, self.paths.motd):
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+    def reload(self) -> None:
+        """SIGHUP / D-Bus Reload: re-read the policy and the indexes, judge everything again."""
+        try:
+            self.policy = config_mod.load(self.paths.config_dir)
+        except KmodguardError as exc:
+            log.error("configuration not reloaded, keeping the previous one: %s", exc.message)
+            raise
+        self.engine = None
+        log.info("configuration and indexes reloaded (mode %s)", self.policy.mode)
+        systemd.notify(RELOADING=1)
+        self.decide(None)
+        systemd.notify(READY=1, STATUS=self.status_line())
+
+    def _watchdog(self, period: float) -> None:
+        systemd.notify(WATCHDOG=1)
+        self.loop.call_later(period, self._watchdog, period)
+
+    # --- events --------------------------------------------------------------------------------
+
+    def on_event(self, action: str, syspath: str, properties: dict) -> None:
+        """Gather the event; judge the burst once udev has been quiet for the settle window."""
+        device_id = os.path.basename(syspath) if properties.get("SUBSYSTEM") == "pci" else syspath
+        if "MODALIAS" not in properties and device_id not in self.held:
+            return  # class devices (net, block, ...) and the like: they never bind a driver
+        now = time.monotonic()
+        if not self.pending:
+            self._burst_started = now
+        self.pending.setdefault(syspath, time.time())
+        deadline = min(now + self.policy.timeouts.settle, self._burst_started + self.policy.timeouts.settle
+                       + MAX_BATCH_EXTRA)
+        if self._timer:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(self.loop.time() + (deadline - now), self._close_burst)
+
+    def _close_burst(self) -> None:
+        self._timer = None
+        burst, self.pending = self.pending, {}
+        if burst:
+            self.decide(burst)
+
+    def rescan(self) -> None:
+        """Events were lost: judge every device again (a coldplug)."""
+        self.pending.clear()
+        self.decide(None)
+
+    # --- deciding ------------------------------------------------------------------------------
+
+    def current_engine(self) -> Engine:
+        """An Engine that sees the system as it is now: made again when the installed module tree,
+        its modprobe.d, or the indexes changed (a package was installed, depmod ran, an index was
+        rebuilt); otherwise the same one with its verdict memo cleared."""
+        fingerprint = self._fingerprint_now()
+        engine = self.engine
+        if (engine is None or fingerprint != self._fingerprint
+                or (engine.diagnoser.installed is not None and engine.diagnoser.installed.resources_changed())):
+            engine = self.engine = Engine(self.paths, self.policy)
+            self._fingerprint = fingerprint
+        else:
+            engine.diagnoser.new_round()
+        return engine
+
+    def _fingerprint_now(self):
+        def stat(path):
+            try:
+                st = os.stat(path)
+                return st.st_ino, st.st_mtime_ns
+            except OSError:
+                return None
+
+        kdir = self.paths.index_root / self.paths.kver
+        try:
+            index = tuple(sorted((e.name, os.readlink(e) if e.is_symlink() else stat(e.path)) for e in os.scandir(kdir)))
+        except OSError:
+            index = None
+        return index, stat(self.paths.installed_modules / "modules.dep.bin")
+
+    def decide(self, burst: dict[str, float] | None) -> None:
+        """Judge the devices of a burst (None: every device), publish what changed, act on policy."""
+        engine = self.current_engine()
+        context = pyudev.Context()
+        if burst is None:
+            from ..devices import enumerate_devices
+
+            devices = enumerate_devices(context)
+            present = {d.id for d in devices}
+            gone = [i for i in self.held if i not in present]
+        else:
+            devices, gone = [], []
+            for syspath in burst:
+                device = self._device_at(context, syspath)
+                if device is not None:
+                    devices.append(device)
+                else:
+                    gone.append(os.path.basename(syspath) if os.path.basename(syspath) in self.held else syspath)
+        judged = engine.judge(devices)
+        actions = {a.id: a.action for a in engine.plan(judged, boot_critical=False).devices}
+        self.decisions += 1
+        now = time.time()
+        for device_id in gone:
+            if self.held.pop(device_id, None) is not None:
+                self._resolved(device_id, "removed")
+        for device, verdict in judged:
+            before = self.held.get(device.id)
+            if verdict.verdict in NEEDS_ACTION:
+                held = Held(device, verdict, actions.get(device.id, "none"), before.since if before else now)
+                self.held[device.id] = held
+                if before is None or before.verdict.verdict != verdict.verdict or before.module != held.module:
+                    self._needs_driver(held)
+            else:
+                if before is not None:
+                    self.held.pop(device.id)
+                    self._resolved(device.id, verdict.verdict)
+                if verdict.verdict == "unindexed" and device.id not in self._noted and self.policy.mode != "off":
+                    self._noted.add(device.id)
+                    log.warning("%s: %s", device.id, verdict.reason, extra=systemd.fields(
+                        "unindexed", device=device.syspath, modalias=device.modalias))
+            if burst is not None or verdict.verdict != "bound":
+                self.events.append({"t": now, "kind": "verdict", "device": device.id, "modalias": device.modalias,
+                                    "verdict": verdict.verdict, "reason": verdict.reason,
+                                    "uevent_t": burst.get(device.syspath) if burst else None,
+                                    "decision": self.decisions})
+        self.publish()
+        if self.policy.mode == "auto":
+            self._maybe_fix()
+
+    @staticmethod
+    def _device_at(context: pyudev.Context, syspath: str) -> Device | None:
+        try:
+            return from_udev(pyudev.Devices.from_sys_path(context, syspath))
+        except (pyudev.DeviceNotFoundError, OSError):
+            return None
+
+    def _needs_driver(self, held: Held) -> None:
+        if self.policy.mode == "off":
+            return
+        what = (f"{held.module} in {held.candidate.package} {held.candidate.version}" if held.candidate
+                else f"installed module {held.module}")
+        log.warning("%s needs a driver: %s (%s): %s", held.device.id, held.verdict.verdict, what, held.verdict.reason,
+                    extra=systemd.fields("needs-driver", device=held.device.syspath, modalias=held.device.modalias,
+                                         package=held.candidate.package if held.candidate else None,
+                                         module=held.module, kmodguard_verdict=held.verdict.verdict))
+        self.publisher.needs_driver(held)
+
+    def _resolved(self, device_id: str, verdict: str) -> None:
+        log.info("%s no longer needs a driver: %s", device_id, verdict,
+                 extra=systemd.fields("resolved", device=device_id, kmodguard_verdict=verdict))
+        self.events.append({"t": time.time(), "kind": "resolved", "device": device_id, "verdict": verdict})
+        self.publisher.resolved(device_id, verdict)
+
+    # --- fixing ----------------------------------------------------------------------------------
+
+    def _auto_candidates(self) -> list[str]:
+        if self.engine is None or self.engine.env.why_not:
+            return []
+        backoff = state.Backoff(self.paths.state_dir)
+        return [i for i, h in self.held.items()
+                if h.action in ("install", "load") and h.device.subsystem in self.policy.auto_buses
+                and not backoff.waiting(i)]
+
+    def _maybe_fix(self) -> None:
+        if self._fix_task is not None:
+            return  # the running fix judges every device again when it ends
+        wanted = self._auto_candidates()
+        if wanted:
+            self._fix_task = self.loop.create_task(self._fixing(self._auto_fix(wanted)))
+        else:
+            self._arm_retry()
+
+    async def _fixing(self, work) -> None:
+        """Run a fix task; then judge everything again and, in auto mode, go on with what is left."""
+        try:
+            await work
+        except KmodguardError as exc:
+            log.error("%s", exc.message)
+        except Exception:  # never let a task die silently
+            log.exception("a fix task failed")
+        finally:
+            self._fix_task = None
+        if self.policy.mode == "auto":
+            self._maybe_fix()
+
+    async def _auto_fix(self, device_ids: list[str]) -> None:
+        try:
+            await self.fix(device_ids, "auto", {})
+        except KmodguardError as exc:
+            log.error("automatic fix of %s failed: %s", ", ".join(device_ids), exc.message)
+            self.decide(None)
+        # No retry storm: a device the fix did not serve waits out a back-off before the next try.
+        backoff = state.Backoff(self.paths.state_dir)
+        for device_id in device_ids:
+            if device_id in self.held and not backoff.waiting(device_id):
+                backoff.failed(device_id, STILL_NEEDS)
+        backoff.save()
+
+    def _arm_retry(self) -> None:
+        """One timer for the earliest back-off to expire (auto mode), so a failed device is tried
+        again without an event; nothing is armed when nothing waits."""
+        if self._retry_timer:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        if self.policy.mode != "auto":
+            return
+        backoff = state.Backoff(self.paths.state_dir)
+        waits = [backoff.waiting(i) for i, h in self.held.items() if h.action in ("install", "load")]
+        waits = [w for w in waits if w > 0]
+        if waits:
+            self._retry_timer = self.loop.call_later(min(waits) + 1, self.decide, None)
+
+    async def fix(self, device_ids: list[str], requested_by: str, overrides: dict) -> dict:
+        """Run one fix out of process and return its record (STATE_DIR/last-fix.json). Fixes queue:
+        one at a time. Afterwards every device is judged again (an install changes many verdicts)."""
+        config_mod.with_overrides(self.policy, overrides)  # refuse bad options before anything runs
+        async with self._fix_lock:
+            request = state.write_request(self.paths.state_dir, device_ids, requested_by, overrides)
+            record = await self._run_request(request)
+        self.decide(None)
+        return record
+
+    async def _run_request(self, request: dict) -> dict:
+        rid = request["id"]
+        self.fix_running = True
+        self.events.append({"t": time.time(), "kind": "fix-started", "request": rid, "devices": request["devices"],
+                            "requested_by": request.get("requested_by")})
+        self.publish()
+        log.info("fixing %s (requested by %s, request %s)", ", ".join(request["devices"]) or "nothing",
+                 request.get("requested_by"), rid,
+                 extra=systemd.fields("fix-started", kmodguard_request=rid, device=" ".join(request["devices"])))
+        path = self.paths.state_dir / state.REQUEST_FILE
+        try:
+            code = await self.runner.run(path, lambda message: self.publisher.fix_progress(rid, message))
+        finally:
+            self.fix_running = False
+        record = state.last_fix(self.paths.state_dir)
+        if record is None or record.get("id") != rid:
+            record = {"id": rid, "requested_by": request.get("requested_by"), "devices": request["devices"],
+                      "exit_code": code or 1, "finished": time.time(),
+                      "error": {"name": "Failed", "message": f"the fix ({self.runner.name}) ended with status {code} "
+                                                             "without a report; see the journal"}}
+            state.finish_request(self.paths.state_dir, rid)
+        self.fixes += 1
+        self.last_fix = record
+        outcomes = (record.get("report") or {}).get("outcomes", [])
+        self.events.append({"t": time.time(), "kind": "fix-finished", "request": rid,
+                            "exit_code": record.get("exit_code"),
+                            "outcomes": {o["id"]: o["outcome"] for o in outcomes}})
+        level = logging.INFO if record.get("exit_code") == 0 else logging.WARNING
+        summary = ("; ".join(f"{o['id']}: {o['outcome']}" for o in outcomes)
+                   or (record.get("error") or {}).get("message") or "nothing to do")
+        log.log(level, "fix %s finished (exit %s): %s", rid, record.get("exit_code"), summary,
+                extra=systemd.fields("fix-finished", kmodguard_request=rid,
+                                     kmodguard_exit_code=record.get("exit_code")))
+        self.publisher.fix_finished(rid, int(record.get("exit_code") or 0), record)
+        return record
+
+    def _resume(self) -> None:
+        """A request left behind means a fix was interrupted (a kill, a crash, a power cut): run it
+        again once nobody holds the fix lock; it converges, doing only what is still missing."""
+        request = state.pending_request(self.paths.state_dir)
+        if request is None:
+            return
+
+        async def resume():
+            if state.lock_held(self.paths.state_dir):
+                log.info("a fix is still running (request %s): waiting for it", request["id"])
+                await self.loop.run_in_executor(None, _wait_for_lock, self.paths.state_dir)
+            if state.pending_request(self.paths.state_dir) is None:  # it ran to its end after all
+                self.last_fix = state.last_fix(self.paths.state_dir)
+                self.decide(None)
+                return
+            log.warning("resuming the interrupted fix of %s (request %s)", ", ".join(request["devices"]),
+                        request["id"])
+            await self.fix(request["devices"], f"resume of {request.get('requested_by')}",
+                           request.get("overrides", {}))
+
+        self._fix_task = self.loop.create_task(self._fixing(resume()))
+
+    # --- what the world sees ---------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        needing = list(self.held.values())
+        if self.fix_running:
+            return f"fixing; {len(needing)} device(s) need a driver"
+        if not needing:
+            return f"mode {self.policy.mode}: every device with a modalias is served or left alone on purpose"
+        counts = collections.Counter(h.verdict.verdict for h in needing)
+        parts = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+        return f"mode {self.policy.mode}: {len(needing)} device(s) need a driver ({parts})"
+
+    def snapshot(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "mode": self.policy.mode,
+            "since": _iso(self.since),
+            "kernel": self.paths.kver,
+            "bus": self.bus_name,
+            "settle": self.policy.timeouts.settle,
+            "needs_driver": sorted(self.held),
+            "devices": [self.held[i].as_json() for i in sorted(self.held)],
+            "decisions": self.decisions,
+            "fixes": self.fixes,
+            "fix_running": self.fix_running,
+            "last_fix": self.last_fix,
+            "events": list(self.events),
+            "updated": _iso(time.time()),
+        }
+
+    def publish(self) -> None:
+        """Snapshot, MOTD, systemd STATUS=, and the fronts."""
+        try:
+            state.write_snapshot(self.paths.snapshot, self.snapshot())
+        except OSError as exc:
+            log.error("cannot write the snapshot %s: %s", self.paths.snapshot, exc)
+        self._motd()
+        systemd.notify(STATUS=self.status_line())
+        self.publisher.changed()
+
+    def _motd(self) -> None:
+        offer = [h for h in self.held.values() if h.action in ("install", "load")]
+        path = self.paths.motd
+        if self.policy.mode == "off" or not offer:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            return
+        lines = [f"kmodguard: {len(offer)} device(s) have no driver, and one is available:"]
+        for h in offer[:8]:
+            where = (f"{h.candidate.package} {h.candidate.version} (not installed)" if h.candidate
+                     else "installed, not loaded")
+            lines.append(f"  {_printable(h.device.id)}: {h.module} in {where}")
+        if len(offer) > 8:
+            lines.append(f"  ... and {len(offer) - 8} more")
+        lines.append("Run 'sudo kmodguard fix' to install and load it ('kmodguard status' tells more).")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from ..fsutil import write_atomic
+
+            write_atomic(path, ("\n".join(lines) + "\n").encode(), 0o644)
+        except OSError as exc:
+            log.debug("cannot write %s: %s", path, exc)
+
+    # --- what the fronts ask ---------------------------------------------------------------------
+
+    def status_document(self) -> dict:
+        from ..devices import enumerate_devices
+
+        engine = self.current_engine()
+        return engine.status_document(engine.judge(enumerate_devices()), self.snapshot())
+
+    def explain_document(self, modaliases: list[str]) -> dict:
+        if not modaliases:
+            raise InvalidInput("give at least one modalias")
+        return self.current_engine().explain_document(modaliases)[0]
+
+    def plan_document(self, refs: list[str], overrides: dict) -> dict:
+        policy = config_mod.with_overrides(self.policy, overrides)
+        engine = Engine(self.paths, policy, self.current_engine().env)
+        return engine.plan(engine.judge(self._select(engine, refs))).as_json()
+
+    def _select(self, engine: Engine, refs: list[str]) -> list[Device]:
+        if refs:
+            return engine.select(refs)
+        return [h.device for h in self.held.values()]
+
+    def needing_ids(self, refs: list[str]) -> list[str]:
+        """The devices a Fix call acts on: those named (checked to exist), else every device held
+        as needing a driver whose plan can act on it."""
+        if refs:
+            return [d.id for d in self.current_engine().select(refs)]
+        return [i for i, h in self.held.items() if h.action in ("install", "load")]
+
+
+def _wait_for_lock(state_dir: Path) -> None:
+    import fcntl
+
+    fd = os.open(Path(state_dir) / "fix.lock", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    finally:
+        os.close(fd)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() and c.isascii() else "?" for c in text)
