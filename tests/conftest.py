@@ -92,3 +92,31 @@ def indexed(kmodguard, world) -> Kmodguard:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None or os.path.exists(f"/usr/sbin/{tool}") or os.path.exists(f"/sbin/{tool}")
+
+
+# --- a Fedora-like image and repository for fix tests (dnfimage.py) -------------------------
+
+@pytest.fixture(scope="session")
+def rpm_base(tmp_path_factory):
+    import rpmbuild
+
+    base = tmp_path_factory.mktemp("fix-rpms")
+    yield base
+    rpmbuild.cleanup()
+
+
+@pytest.fixture(scope="session")
+def repo(rpm_base):
+    """(repo dir, {kver: KernelRpms}, TestKey): signed kernel RPMs of two kernels and what dnf needs."""
+    import dnfimage
+
+    return dnfimage.make_repo(rpm_base)
+
+
+@pytest.fixture(scope="session")
+def base_root(repo, tmp_path_factory) -> Path:
+    """A cloud image: kernel-core and kernel-modules-core installed (and depmod'ed), nothing else.
+    Do not modify: copy it (dnfimage.copy_image)."""
+    import dnfimage
+
+    return dnfimage.make_image(tmp_path_factory.mktemp("image") / "root", repo)

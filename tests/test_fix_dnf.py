@@ -24,7 +24,9 @@ import pytest
 
 import rpmbuild
 import synthetic
-from rpmbuild import KVER, KVER_NEXT, LOGGED
+from dnfimage import copy_image, dnf, history, image_env, installed, write_repo_config
+from journal import JOURNAL_CATCHER
+from rpmbuild import KVER, LOGGED
 
 GPU, VIRTIO, EXTRA_XZ = synthetic.ALIAS["gpu"], synthetic.ALIAS["virtio"], synthetic.ALIAS["extra_xz"]
 REQ = f"kernel-modules-uname-r = {KVER}"
@@ -41,78 +43,20 @@ DEVICES = (pci("0000:00:05.0", GPU) + pci("0000:00:06.0", GPU) + pci("0000:00:07
              f"A: modalias={VIRTIO}\n\n")
 
 
-@pytest.fixture(scope="session")
-def rpm_base(tmp_path_factory):
-    base = tmp_path_factory.mktemp("fix-rpms")
-    yield base
-    rpmbuild.cleanup()
-
-
-@pytest.fixture(scope="session")
-def repo(rpm_base):
-    """Signed kernel RPMs of two kernels, a /bin/sh package, and a release package (releasever 42)."""
-    repo_dir, rpms = rpmbuild.kernel_repo(rpm_base, (KVER, KVER_NEXT), scripts=LOGGED, signed=True, name="fixrepo")
-    key = rpmbuild.test_key(rpm_base)
-    rpmbuild.build_rpm(repo_dir, "kmg-release", "42", provides=("system-release(releasever) = 42",), sign=key)
-    rpmbuild.createrepo(repo_dir)
-    return repo_dir, rpms, key
-
-
-def write_repo_config(root: Path, baseurl: str, key: Path, gpgcheck: bool = True) -> None:
-    d = root / "etc" / "yum.repos.d"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "kmg.repo").write_text(f"[kmg]\nname=kmg test repository\nbaseurl={baseurl}\nenabled=1\n"
-                                f"gpgcheck={int(gpgcheck)}\ngpgkey=file://{key}\nmetadata_expire=0\n")
-
-
-def dnf(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["dnf", "-y", "--installroot", str(root), *args], capture_output=True, text=True,
-                          env={**os.environ, "LC_ALL": "C"}, timeout=300)
-
-
-@pytest.fixture(scope="session")
-def base_root(repo, tmp_path_factory) -> Path:
-    """A cloud image: kernel-core and kernel-modules-core of KVER installed (and depmod'ed), nothing else."""
-    repo_dir, _, key = repo
-    root = tmp_path_factory.mktemp("image") / "root"
-    write_repo_config(root, f"file://{repo_dir}", key.public)
-    res = dnf(root, "--releasever", "42", "install", "kmg-release", f"kernel-core-uname-r = {KVER}",
-              f"kernel-modules-core-uname-r = {KVER}")
-    assert res.returncode == 0, res.stdout + res.stderr
-    subprocess.run(["depmod", "-b", str(root), KVER], check=True)
-    return root
-
-
 @pytest.fixture
 def machine(base_root, kmodguard, repo, tmp_path):
     """A fresh copy of the image, kmodguard pointed at it, both packages indexed from their RPMs."""
     _, rpms, _ = repo
-    root = tmp_path / "root"
-    subprocess.run(["cp", "-a", str(base_root), str(root)], check=True)
+    root = copy_image(base_root, tmp_path / "root")
     etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "kmodguard.toml").write_text('backend = "dnf"\n[timeouts]\nsettle = 0.2\nlock_wait = 2\n'
                                         'package_manager = 120\n')
-    env = {**kmodguard.env,
-           "KMODGUARD_ROOT": str(root), "KMODGUARD_MODULES_DIR": str(root / "lib/modules" / KVER),
-           "KMODGUARD_MODPROBE_DIRS": str(root / "etc/modprobe.d"), "KMODGUARD_CONFIG_DIR": str(etc),
-           "KMODGUARD_BOOT_DIR": str(root / "boot"), "KMODGUARD_DRACUT_CONF_DIR": str(root / "etc/dracut.conf.d"),
-           "KMODGUARD_KMSG": str(tmp_path / "no-kmsg"), "KMODGUARD_CONTAINER": "none"}
+    env = {**kmodguard.env, **image_env(root, tmp_path), "KMODGUARD_CONFIG_DIR": str(etc)}
     kmg = dataclasses.replace(kmodguard, env=env).with_devices(DEVICES, tmp_path)
     kmg("index", "build", "--from-rpm", str(rpms[KVER]["kernel-modules"]), str(rpms[KVER]["kernel-modules-extra"]),
         check_code=0)
     return kmg, root
-
-
-def installed(root: Path) -> list[str]:
-    out = subprocess.run(["rpm", "--root", str(root), "-qa", "--qf", "%{NAME}-%{VERSION}-%{RELEASE}\n"],
-                         capture_output=True, text=True, check=True)
-    return sorted(out.stdout.split())
-
-
-def history(root: Path) -> list[str]:
-    res = dnf(root, "-q", "history", "list")
-    return [line for line in res.stdout.splitlines() if line.strip()[:1].isdigit()]
 
 
 def steps(doc) -> dict[str, dict]:
@@ -391,37 +335,6 @@ def test_in_a_container_or_image_mode_fix_plans_and_installs_nothing(machine, wh
     doc = kmg("fix", "--yes", "--json", "--kver", KVER, check_code=3).json
     assert says in doc["blocked"]
     assert installed(root) == before and len(history(root)) == count
-
-
-JOURNAL_CATCHER = r"""
-import json, os, socket, subprocess, sys
-os.makedirs("/run/systemd/journal", exist_ok=True)
-subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run/systemd/journal"], check=True)
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-sock.bind("/run/systemd/journal/socket")
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-sock.setblocking(False)
-entries = []
-while True:
-    try:
-        data = sock.recv(1 << 20)
-    except BlockingIOError:
-        break
-    fields, i = {}, 0
-    while i < len(data):  # the journal's native protocol: KEY=value\n, or KEY\n<le64 size><value>\n
-        nl = data.index(b"\n", i)
-        line = data[i:nl]
-        if b"=" in line:
-            k, _, v = line.partition(b"=")
-            i = nl + 1
-        else:
-            k, size = line, int.from_bytes(data[nl + 1:nl + 9], "little")
-            v, i = data[nl + 9:nl + 9 + size], nl + 9 + size + 1
-        fields[k.decode()] = v.decode(errors="replace")
-    entries.append(fields)
-print(json.dumps({"rc": rc, "entries": entries}))
-"""
 
 
 def test_every_step_reaches_the_journal_with_structured_fields(machine):

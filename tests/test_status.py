@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -378,15 +379,20 @@ def test_json_document_shape(indexed, world, tmp_path):
     assert devs["0000:00:05.0"]["modalias"] == GPU
 
 
-def test_daemon_snapshot_is_attached(indexed, tmp_path):
-    snapshot = {"mode": "offer", "since": "2026-01-01T00:00:00Z", "needs_driver": ["0000:00:05.0"],
-                "last_fix": None, "extra": {"kept": True}}
+def test_daemon_snapshot_is_attached_while_its_writer_lives(indexed, tmp_path):
+    # the real daemon writes it (tests/test_daemon.py); here a live process stands in for it
+    snapshot = {"pid": os.getpid(), "mode": "offer", "since": "2026-01-01T00:00:00Z",
+                "needs_driver": ["0000:00:05.0"], "last_fix": None, "extra": {"kept": True}}
     run = tmp_path / "run"
     run.mkdir()
     (run / "state.json").write_text(json.dumps(snapshot))
     assert indexed.env["KMODGUARD_RUNTIME_DIR"] == str(run)
     doc = status_json(indexed, pci("0000:00:05.0", GPU), tmp_path, code=3)
     assert doc["daemon"] == snapshot
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (run / "state.json").write_text(json.dumps({**snapshot, "pid": gone.pid}))  # a killed daemon's leftover
+    assert status_json(indexed, pci("0000:00:05.0", GPU), tmp_path, code=3)["daemon"] is None
 
 
 @pytest.mark.parametrize("content", ['["not", "an", "object"]', "{truncated", "", "\xff"],

@@ -1,0 +1,369 @@
+"""`kmodguard daemon` for real: a subprocess under umockdev (this test owns the testbed and sends
+the uevents), on a private system-like dbus-daemon with the D-Bus policy as it ships, notifying a
+test NOTIFY_SOCKET. What is asserted is what a user sees: signals, `kmodguard status`, the MOTD,
+the journal, the package database of the image it fixes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import synthetic
+from daemon_world import BusClient, DaemonProcess, NotifySocket, SystemBus, Testbed, pci_record
+from dnfimage import copy_image, history, image_env, installed
+from journal import JOURNAL_CATCHER
+from rpmbuild import KVER as RPM_KVER
+
+GPU, EXTRA_XZ, NONE = synthetic.ALIAS["gpu"], synthetic.ALIAS["extra_xz"], synthetic.ALIAS["none"]
+KVER = synthetic.KVER
+SYSPCI = "/sys/devices/pci0000:00"
+SETTLE = 0.3
+
+
+@pytest.fixture
+def bus():
+    b = SystemBus()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def testbed():
+    tb = Testbed()
+    yield tb
+    tb.close()
+
+
+@pytest.fixture
+def notify(tmp_path):
+    n = NotifySocket(tmp_path / "notify.sock")
+    yield n
+    n.close()
+
+
+def daemon_env(runner, tmp_path: Path, policy: str = "") -> dict:
+    etc = Path(runner.env["KMODGUARD_CONFIG_DIR"])
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "kmodguard.toml").write_text(f"[timeouts]\nsettle = {SETTLE}\n" + policy)
+    return {**runner.env, "KMODGUARD_MOTD_DIR": str(tmp_path / "motd.d"), "KMODGUARD_CONTAINER": "none"}
+
+
+@pytest.fixture
+def started(indexed, tmp_path, testbed, notify, bus):
+    """The daemon on the synthetic world (offer mode), running, with a bus client listening."""
+    daemons = []
+    clients = []
+
+    def start(policy: str = "", records: str = "", **kw):
+        if records:
+            testbed.add(records)
+        env = daemon_env(indexed, tmp_path, policy)
+        d = DaemonProcess(env, testbed, tmp_path, notify=notify, bus=bus, args=["--kver", KVER], **kw)
+        daemons.append(d)
+        notify.wait_for("READY", "1", timeout=60)
+        client = BusClient(bus.address)
+        clients.append(client)
+        return d, client
+
+    yield start
+    for c in clients:
+        c.close()
+    for d in daemons:
+        d.stop()
+        assert "Traceback" not in d.log_text(), d.log_text()
+
+
+def add_and_announce(testbed: Testbed, records: str, syspaths: list[str]) -> float:
+    testbed.add(records)
+    t = time.monotonic()
+    testbed.uevents(syspaths, "add")
+    return t
+
+
+# --- hotplug, signals, status, MOTD ------------------------------------------------------------
+
+def test_a_device_added_is_announced_by_signal_status_and_motd(started, testbed, indexed, tmp_path):
+    daemon, client = started()
+    t0 = add_and_announce(testbed, pci_record("0000:00:05.0", GPU), [f"{SYSPCI}/0000:00:05.0"])
+    t_signal, body = client.wait_signal("DeviceNeedsDriver", lambda b: b[0] == "0000:00:05.0")
+    assert body == ["0000:00:05.0", GPU, "missing", "kernel-modules", "kmg_gpu", body[5]]
+    assert "kmg_gpu in kernel-modules" in body[5]
+    assert t_signal - t0 < SETTLE + 5  # within a bound: the settle window plus judging
+    snap = daemon.wait_until(lambda s: s["needs_driver"] == ["0000:00:05.0"], 10)
+    assert snap["mode"] == "offer" and snap["bus"] == "org.kmodguard.Daemon1"
+    # `kmodguard status` judges the device itself and attaches the daemon's snapshot
+    kmg = dataclasses.replace(indexed, env={**indexed.env, "UMOCKDEV_DIR": testbed.root})
+    res = subprocess.run(["umockdev-wrapper", sys.executable, "-m", "kmodguard", "status", "--json", "--kver", KVER],
+                         env=kmg.env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["daemon"]["needs_driver"] == ["0000:00:05.0"] and doc["daemon"]["pid"] == daemon.proc.pid
+    assert [d["verdict"] for d in doc["devices"]] == ["missing"]
+    # offer mode: the MOTD names the device, the package and the one command that fixes it
+    motd = (tmp_path / "motd.d" / "kmodguard").read_text()
+    assert "0000:00:05.0: kmg_gpu in kernel-modules 6.1.0-1.kmg (not installed)" in motd
+    assert "sudo kmodguard fix" in motd
+    # nothing was installed or attempted in offer mode
+    assert snap["fixes"] == 0 and snap["last_fix"] is None
+
+
+def test_removal_updates_status_signal_and_motd(started, testbed, tmp_path):
+    daemon, client = started(records=pci_record("0000:00:05.0", GPU))
+    daemon.wait_until(lambda s: s["needs_driver"] == ["0000:00:05.0"], 10)  # found by the coldplug scan
+    assert (tmp_path / "motd.d" / "kmodguard").exists()
+    testbed.uevent(f"{SYSPCI}/0000:00:05.0", "remove")
+    testbed.remove(f"{SYSPCI}/0000:00:05.0")
+    client.wait_signal("DeviceResolved", lambda b: b == ["0000:00:05.0", "removed"])
+    daemon.wait_until(lambda s: s["needs_driver"] == [], 10)
+    assert not (tmp_path / "motd.d" / "kmodguard").exists()  # removed when nothing is left to do
+    assert client.get_property("NeedsDriver") == []
+
+
+def test_sixty_four_vfs_added_at_once_make_one_decision(started, testbed):
+    pf = "0000:00:04.0"
+    daemon, client = started(records=pci_record(pf, synthetic.ALIAS["installed"], driver="kmg_core_nic",
+                                                attrs={"sriov_numvfs": "64", "sriov_drivers_autoprobe": "1"}))
+    before = daemon.wait_started()["decisions"]
+    vfs = [f"0000:01:{i // 8:02x}.{i % 8}" for i in range(64)]
+    records = "".join(pci_record(vf, GPU, parent="/devices/pci0000:00/0000:00:04.0",
+                                 links={"physfn": f"../{pf}"}) for vf in vfs)
+    add_and_announce(testbed, records, [f"{SYSPCI}/{pf}/{vf}" for vf in vfs])
+    snap = daemon.wait_until(lambda s: len(s["needs_driver"]) == 64, 20)
+    assert snap["decisions"] == before + 1  # one decision for the whole burst
+    decisions = {e["decision"] for e in snap["events"] if e["kind"] == "verdict" and e["device"] in vfs}
+    assert len(decisions) == 1
+    for vf in vfs:
+        client.wait_signal("DeviceNeedsDriver", lambda b: b[0] == vf, timeout=10)
+    time.sleep(0.2)
+    signals = [b for m, b in client.drain() if m == "DeviceNeedsDriver"]
+    assert sorted(b[0] for b in signals) == vfs  # one signal per device, each once
+
+
+def test_a_device_that_binds_during_the_settle_window_is_not_reported(started, testbed):
+    daemon, client = started()
+    before = daemon.wait_started()["decisions"]
+    testbed.add(pci_record("0000:00:05.0", GPU))
+    testbed.uevent(f"{SYSPCI}/0000:00:05.0", "add")
+    # udev loads the driver, which binds: the kernel says "bind" within the settle window
+    testbed.link(f"{SYSPCI}/0000:00:05.0", "driver", "../../../bus/pci/drivers/kmg_gpu")
+    testbed.uevent(f"{SYSPCI}/0000:00:05.0", "bind")
+    snap = daemon.wait_until(lambda s: s["decisions"] > before, 10)
+    assert snap["needs_driver"] == []
+    assert [e["verdict"] for e in snap["events"] if e.get("device") == "0000:00:05.0"] == ["bound"]
+    assert not any(m == "DeviceNeedsDriver" for m, _ in client.drain())
+
+
+# --- systemd: sd_notify, watchdog, journal --------------------------------------------------------
+
+def test_notify_ready_after_coldplug_status_watchdog_and_stopping(indexed, tmp_path, testbed, notify):
+    testbed.add(pci_record("0000:00:05.0", GPU))
+    env = daemon_env(indexed, tmp_path)
+    d = DaemonProcess(env, testbed, tmp_path, notify=notify, args=["--kver", KVER],
+                      extra_env={"WATCHDOG_USEC": "200000"})
+    ready = notify.wait_for("READY", "1")
+    # READY=1 comes after the coldplug scan, and its STATUS= already tells what it found
+    assert ready["STATUS"] == "mode offer: 1 device(s) need a driver (1 missing)"
+    assert d.snapshot()["needs_driver"] == ["0000:00:05.0"]
+    time.sleep(1.0)
+    pings = [m for m in notify.drain() if m.get("WATCHDOG") == "1"]
+    assert 5 <= len(pings) <= 15  # every 0.1 s: half of WatchdogSec, and no more
+    d.proc.send_signal(signal.SIGTERM)
+    notify.wait_for("STOPPING", "1")
+    assert d.stop() == 0
+    assert not d.snapshot_path.exists()  # a stopped daemon leaves no snapshot behind: status says "daemon": null
+
+
+def _wakeups(pid: int) -> int:
+    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if ":\t" in line)
+    return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
+
+
+def test_idle_without_watchdog_means_no_wakeups(indexed, tmp_path, testbed, notify):
+    env = daemon_env(indexed, tmp_path)
+    d = DaemonProcess(env, testbed, tmp_path, notify=notify, args=["--kver", KVER])
+    notify.wait_for("READY", "1")
+    time.sleep(0.5)
+    before = _wakeups(d.proc.pid)
+    time.sleep(2.0)
+    assert _wakeups(d.proc.pid) - before <= 1  # asleep in epoll: no polling, no timers
+    assert not any("WATCHDOG" in m for m in notify.drain())
+    d.stop()
+
+
+def test_journal_gets_structured_fields(indexed, tmp_path, testbed):
+    env = {**daemon_env(indexed, tmp_path), "JOURNAL_STREAM": "8:1"}
+    testbed.add(pci_record("0000:00:05.0", GPU))
+    d = DaemonProcess(env, testbed, tmp_path, args=["--kver", KVER], stdout=tmp_path / "journal.json",
+                      wrap=["unshare", "-m", "--propagation", "private", sys.executable, "-c", JOURNAL_CATCHER])
+    d.wait_until(lambda s: s.get("needs_driver") == ["0000:00:05.0"], 30)
+    assert d.stop() == 0  # SIGTERM reaches the daemon through the catcher
+    entries = json.loads((tmp_path / "journal.json").read_text())["entries"]
+    needs = [e for e in entries if e.get("MESSAGE_ID") == "c167d616d03446fb8fe127f7a6b46fa6"]
+    assert len(needs) == 1
+    e = needs[0]
+    assert e["DEVICE"] == f"{SYSPCI}/0000:00:05.0" and e["MODALIAS"] == GPU
+    assert e["PACKAGE"] == "kernel-modules" and e["MODULE"] == "kmg_gpu" and e["KMODGUARD_VERDICT"] == "missing"
+    assert e["SYSLOG_IDENTIFIER"] == "kmodguard" and e["PRIORITY"] == "4"  # a warning: someone should look
+    assert "0000:00:05.0 needs a driver" in e["MESSAGE"]
+    started_ = [e for e in entries if e.get("MESSAGE_ID") == "e9a8c2903ea14b54998876412b60905f"]
+    assert len(started_) == 1 and "1 device(s) need a driver" in started_[0]["MESSAGE"]
+
+
+# --- authorization ------------------------------------------------------------------------------------
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+@pytest.fixture
+def public_runtime(indexed):
+    """A runtime directory an unprivileged user can read (pytest's tmp dirs are root's only)."""
+    d = tempfile.mkdtemp(prefix="kmg-run-", dir="/tmp")
+    os.chmod(d, 0o755)
+    indexed.env["KMODGUARD_RUNTIME_DIR"] = d
+    yield Path(d)
+    subprocess.run(["rm", "-rf", d])
+
+
+def busctl(bus, *args, user=(), check=True):
+    res = subprocess.run([*user, "busctl", f"--address={bus.address}", "--json=short", *args],
+                         capture_output=True, text=True, timeout=60)
+    if check:
+        assert res.returncode == 0, res.stderr
+    return res
+
+
+def kmodguard_as(user, env, *args):
+    return subprocess.run([*user, sys.executable, "-m", "kmodguard", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def client_env(bus, runtime: Path) -> dict:
+    return {"PATH": os.environ["PATH"], "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+            "DBUS_SYSTEM_BUS_ADDRESS": bus.address, "KMODGUARD_RUNTIME_DIR": str(runtime)}
+
+
+DAEMON = ("org.kmodguard.Daemon1", "/org/kmodguard/Daemon1", "org.kmodguard.Daemon1")
+
+
+def test_unprivileged_callers_read_status_and_are_refused_fix_without_polkit(started, public_runtime, bus):
+    daemon, client = started(records=pci_record("0000:00:05.0", GPU))
+    daemon.wait_until(lambda s: s["needs_driver"] == ["0000:00:05.0"], 10)
+    # reading is open to everyone
+    res = busctl(bus, "call", *DAEMON, "GetStatus", user=NOBODY)
+    doc = json.loads(json.loads(res.stdout)["data"][0])
+    assert [d["id"] for d in doc["devices"]] == ["0000:00:05.0"] and doc["daemon"]["mode"] == "offer"
+    assert json.loads(busctl(bus, "get-property", *DAEMON, "NeedsDriver", user=NOBODY).stdout)["data"] == ["0000:00:05.0"]
+    # changing the system is not: `kmodguard fix` as nobody asks the daemon, which refuses
+    res = kmodguard_as(NOBODY, client_env(bus, public_runtime), "fix", "--yes")
+    assert res.returncode == 4, (res.stdout, res.stderr)
+    assert "only root may do this here: polkit is not running" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = busctl(bus, "call", *DAEMON, "Reload", user=NOBODY, check=False)
+    assert res.returncode != 0 and "polkit is not running" in res.stderr
+    assert daemon.snapshot()["fixes"] == 0  # nothing ran
+
+
+def test_polkit_decides_for_unprivileged_callers(started, public_runtime, bus, tmp_path):
+    polkit = subprocess.Popen([sys.executable, "-m", "dbusmock", "--system", "--template", "polkitd"],
+                              env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus.address},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while busctl(bus, "status", "org.freedesktop.PolicyKit1", check=False).returncode != 0:
+            assert time.monotonic() < deadline, "dbusmock's polkitd did not come up"
+            time.sleep(0.1)
+        daemon, client = started()  # no device needs anything: an allowed fix has nothing to do
+        env = client_env(bus, public_runtime)
+        res = kmodguard_as(NOBODY, env, "fix", "--yes", "--json")
+        assert res.returncode == 4, res.stderr
+        assert "uid 65534 is not allowed to do this (polkit action org.kmodguard.fix)" in res.stderr
+        assert json.loads(res.stdout)["error"]["name"] == "NotAuthorized"
+        busctl(bus, "call", "org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority",
+               "org.freedesktop.DBus.Mock", "SetAllowed", "as", "1", "org.kmodguard.fix")
+        res = kmodguard_as(NOBODY, env, "fix", "--yes", "--json")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["outcomes"] == []
+        record = daemon.wait_until(lambda s: s["fixes"] == 1, 10)["last_fix"]
+        assert record["requested_by"] == "uid 65534" and record["exit_code"] == 0
+        # org.kmodguard.reload is a separate action: still refused
+        assert busctl(bus, "call", *DAEMON, "Reload", user=NOBODY, check=False).returncode != 0
+    finally:
+        polkit.terminate()
+        polkit.wait(10)
+
+
+@pytest.mark.parametrize("member, signature, body, name, says", [
+    ("Explain", "as", ["1", "pci:v0000\x01bad"], "InvalidInput", "only printable ASCII"),
+    ("Explain", "as", ["0"], "InvalidInput", "at least one modalias"),
+    ("Explain", "as", ["1", "x" * 5000], "InvalidInput", "the kernel never writes more than 4096"),
+    ("Plan", "asa{sv}", ["1", "../../etc/passwd", "0"], "InvalidInput", "is not a device"),
+    ("Plan", "asa{sv}", ["1", "0000:00:99.0", "0"], "InvalidInput", "no device '0000:00:99.0'"),
+    ("Fix", "asa{sv}", ["0", "1", "packages", "s", "evil"], "InvalidInput", "cannot be chosen for one fix"),
+    ("Fix", "asa{sv}", ["0", "1", "initramfs", "s", "sometimes"], "InvalidInput", "must be one of auto, always, never"),
+    ("Fix", "asa{sv}", ["0", "1", "backend", "i", "5"], "InvalidInput", "backend must be one of"),
+], ids=["control-char", "empty", "too-long", "path-escape", "no-such-device", "widen-allow-list", "bad-initramfs",
+        "bad-type"])
+def test_bad_input_over_dbus_gets_a_named_error_and_no_traceback(started, bus, member, signature, body, name, says):
+    daemon, client = started()
+    res = busctl(bus, "call", *DAEMON, member, signature, *body, check=False)
+    assert res.returncode != 0
+    assert says in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and 'File "' not in res.stderr
+    # the error's name, as a D-Bus client sees it
+    from dbus_next import MessageType
+
+    reply = client.call(member, signature.replace("as", "as"), _body(signature, body))
+    assert reply.message_type == MessageType.ERROR and reply.error_name == f"org.kmodguard.Error.{name}"
+    assert daemon.proc.poll() is None  # and the daemon lives on
+    assert daemon.snapshot()["fixes"] == 0
+
+
+def _body(signature, args):
+    """busctl's argument words back into a D-Bus body."""
+    from dbus_next import Variant
+
+    words = list(args)
+    n = int(words.pop(0))
+    strings = [words.pop(0) for _ in range(n)]
+    if signature == "as":
+        return [strings]
+    m = int(words.pop(0))
+    options = {}
+    for _ in range(m):
+        key, kind, value = words.pop(0), words.pop(0), words.pop(0)
+        options[key] = Variant(kind, int(value) if kind == "i" else value)
+    return [strings, options]
+
+
+def test_the_interface_served_is_the_one_documented(started, bus):
+    import xml.etree.ElementTree as ET
+
+    daemon, client = started()
+    reply = client.call("Introspect", interface="org.freedesktop.DBus.Introspectable")
+    served = ET.fromstring(reply.body[0]).find("interface[@name='org.kmodguard.Daemon1']")
+    documented = ET.parse(Path(__file__).resolve().parent.parent / "units/org.kmodguard.Daemon1.xml").getroot() \
+        .find("interface[@name='org.kmodguard.Daemon1']")
+
+    def shape(iface):
+        out = {}
+        for kind in ("method", "signal", "property"):
+            for el in iface.findall(kind):
+                if kind == "property":
+                    out[(kind, el.get("name"))] = (el.get("type"), el.get("access"))
+                else:
+                    out[(kind, el.get("name"))] = tuple((a.get("direction", "out" if kind == "signal" else "in"),
+                                                         a.get("type")) for a in el.findall("arg"))
+        return out
+
+    assert shape(served) == shape(documented)

@@ -1,0 +1,44 @@
+"""A umockdev testbed in a process of its own, run under umockdev-wrapper (its libudev must see
+the testbed to send uevents), driven by JSON lines on stdin; each command is answered by one JSON
+line on stdout. Tests talk to it through daemon_world.Testbed.
+
+  {"op": "add", "records": "P: /devices/...\\n..."}          -> {"ok": true}
+  {"op": "uevent", "syspaths": [...], "action": "add", "pace": 0.002} -> {"ok": true}  (a burst)
+  {"op": "remove", "syspath": "/sys/devices/..."}            -> {"ok": true}
+  {"op": "link", "syspath": ..., "name": "driver", "target": "../../..."} -> {"ok": true}
+  first line written on start: {"root": testbed root dir}
+"""
+
+import json
+import sys
+import time
+
+import gi
+
+gi.require_version("UMockdev", "1.0")
+from gi.repository import UMockdev  # noqa: E402
+
+testbed = UMockdev.Testbed.new()
+print(json.dumps({"root": testbed.get_root_dir()}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    op = cmd["op"]
+    ok = True
+    if op == "add":
+        ok = testbed.add_from_string(cmd["records"])
+    elif op == "uevent":
+        # umockdev delivers to each listener over a unix datagram socket, whose queue holds only
+        # net.unix.max_dgram_qlen (10) messages, and aborts when it is full: pace a burst a little
+        # (a real netlink socket buffers a whole burst; the daemon asks for 128 MiB).
+        for i, syspath in enumerate(cmd["syspaths"]):
+            if i:
+                time.sleep(cmd.get("pace", 0.002))
+            testbed.uevent(syspath, cmd["action"])
+    elif op == "remove":
+        testbed.remove_device(cmd["syspath"])
+    elif op == "link":
+        testbed.set_attribute_link(cmd["syspath"], cmd["name"], cmd["target"])
+    else:
+        ok = False
+    print(json.dumps({"ok": bool(ok)}), flush=True)
+testbed.clear()
