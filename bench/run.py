@@ -1,6 +1,6 @@
 """Run kmodguard's benchmarks, print a table, write bench/results/latest.json.
 
-    .venv/bin/python bench/run.py [--only lookups,status,index,plan,fix] [--quick] [--profile] [--out FILE]
+    .venv/bin/python bench/run.py [--only lookups,status,index,plan,fix,daemon] [--quick] [--profile] [--out FILE]
 
 Every figure is set against a baseline measured in the same run on the same machine (machines
 are noisy; only ratios travel). The real-tree benchmarks share one world: Debian's
@@ -25,7 +25,7 @@ sys.path[:0] = [str(HERE)]
 import _common  # noqa: E402  (puts the repository and tests/ on sys.path)
 import realtree  # noqa: E402
 
-ALL = ("lookups", "status", "index", "plan", "fix")
+ALL = ("lookups", "status", "index", "plan", "fix", "daemon")
 
 
 def machine() -> dict:
@@ -112,6 +112,10 @@ def main(argv=None) -> int:
                 import fix_time
 
                 res = fix_time.run(runs=1 if args.quick else 3)
+            elif name == "daemon":
+                import daemon_bench
+
+                res = daemon_bench.run(quick=args.quick)
             else:
                 import plan_cost
 

@@ -60,6 +60,34 @@ def parse_introspection(xml: str):
     return _introspection.Node.parse(xml)
 
 
+class _WaitWhenFull:
+    """The connection's socket as the library's writer sees it, with one fix: a send that would
+    block (the kernel's send buffer is full, e.g. after a burst of 256 signals) counts as 0 bytes
+    sent, so the writer waits until the socket is writable, as it does after a partial send.
+    dbus-next 0.2.3 (and dbus-fast 5) instead drop the connection without closing it, leaving a
+    service that owns its name and never answers again (altdesktop/python-dbus-next#153)."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def send(self, data, *flags):
+        try:
+            return self._sock.send(data, *flags)
+        except BlockingIOError:
+            return 0
+
+    def sendmsg(self, buffers, ancdata=(), *rest):
+        if ancdata:  # file descriptors must go with the first byte: no retry trick for them
+            return self._sock.sendmsg(buffers, ancdata, *rest)
+        try:
+            return self._sock.sendmsg(buffers, ancdata, *rest)
+        except BlockingIOError:
+            return 0
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
 async def connect(bus_address: str | None = None, *, system: bool = True):
     """Connect to a bus: the given address, else the system (or session) bus.
 
@@ -67,8 +95,11 @@ async def connect(bus_address: str | None = None, *, system: bool = True):
     session bus) and falls back to the well-known system socket.
     """
     bus_type = BusType.SYSTEM if system else BusType.SESSION
-    bus = MessageBus(bus_address=bus_address, bus_type=bus_type)
-    return await bus.connect()
+    bus = await MessageBus(bus_address=bus_address, bus_type=bus_type).connect()
+    writer = getattr(bus, "_writer", None)
+    if writer is not None and not isinstance(writer.sock, _WaitWhenFull):
+        writer.sock = _WaitWhenFull(writer.sock)
+    return bus
 
 
 __all__ = [

@@ -6,6 +6,7 @@ surrogateescape, never handed to a shell, and validated before it reaches libkmo
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import NamedTuple
@@ -16,6 +17,13 @@ from .errors import InvalidInput
 
 # Drivers whose only job is to hold a device for a guest or keep it quiet.
 INTENTIONAL_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pciback", "xen-pciback", "vfio-platform", "uio_pci_generic"})
+
+
+@functools.lru_cache(maxsize=None)
+def udev_context() -> pyudev.Context:
+    """One libudev context per process: making one loads libudev through ctypes.util.find_library,
+    which runs `ldconfig -p` (milliseconds, per call). Use it from one thread."""
+    return pyudev.Context()
 
 
 def _text(value) -> str | None:
@@ -174,7 +182,7 @@ def enumerate_devices(context: pyudev.Context | None = None) -> list[Device]:
     modules but never a driver link, so they are left out. Naming every bus also spares
     libudev a scan of /sys/class (a third of the time).
     """
-    context = context or pyudev.Context()
+    context = context or udev_context()
     try:
         buses = sorted(os.listdir(os.path.join(context.sys_path, "bus")))
     except OSError:
@@ -211,7 +219,7 @@ def check_ref(ref: str) -> str:
 def find_device(ref: str, context: pyudev.Context | None = None) -> Device | None:
     """A device by its id (PCI address) or syspath (with or without the /sys prefix)."""
     check_ref(ref)
-    context = context or pyudev.Context()
+    context = context or udev_context()
     candidates = []
     if ref.startswith("/"):
         candidates.append(ref if ref.startswith(context.sys_path) else context.sys_path + ref)

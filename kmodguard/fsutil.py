@@ -16,19 +16,22 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write path through a temporary file, fsynced and renamed: readers see old or new, never half."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Write path through a temporary file renamed over it: readers see old or new, never half.
+    durable: fsync the file and the rename (not for files in /run, which no reboot keeps)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.kmodguard-tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.write(fd, data)
         os.fchmod(fd, mode)  # not narrowed by the umask: the daemon's snapshot is world-readable
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def copy_atomic(src: Path, dest: Path, tmp: Path) -> None:

@@ -73,6 +73,18 @@ class Paths(NamedTuple):
         values.setdefault("kver", running_kernel())
         return cls(**values)
 
+    def as_environment(self) -> dict[str, str]:
+        """The KMODGUARD_* variables that make another kmodguard process see these same paths."""
+        env = {}
+        for key, var in ENVIRONMENT.items():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key in ("firmware_dirs", "modprobe_dirs"):
+                value = ":".join(str(v) for v in value)
+            env[var] = str(value)
+        return env
+
     def with_kver(self, kver: str) -> "Paths":
         return self._replace(kver=kver)
 

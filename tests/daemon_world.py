@@ -125,45 +125,48 @@ class Testbed:
 
 
 class NotifySocket:
-    """What systemd's NOTIFY_SOCKET would receive (READY=1, STATUS=..., WATCHDOG=1, STOPPING=1)."""
+    """What systemd's NOTIFY_SOCKET would receive (READY=1, STATUS=..., WATCHDOG=1, STOPPING=1),
+    read all the time, as systemd does (sd_notify blocks once a datagram queue is full)."""
 
     def __init__(self, path: Path):
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.messages: list[tuple[float, dict]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._read, daemon=True).start()
 
-    def wait_for(self, key: str, value: str | None = None, timeout: float = 30) -> dict:
-        deadline = time.monotonic() + timeout
-        for _, m in self.messages:
-            if key in m and (value is None or m[key] == value):
-                return m
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+    def _read(self) -> None:
+        while True:
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout:
-                break
+            except OSError:
+                return
+            if not data and self._closed:
+                return
             m = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.messages.append((time.monotonic(), m))
-            if key in m and (value is None or m[key] == value):
-                return m
-        raise AssertionError(f"no {key}{'=' + value if value else ''} on the notify socket within {timeout} s; "
-                             f"got {[m for _, m in self.messages]}")
+            with self._cond:
+                self.messages.append((time.monotonic(), m))
+                self._cond.notify_all()
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 30) -> dict:
+        def found():
+            return next((m for _, m in self.messages if key in m and (value is None or m[key] == value)), None)
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no {key}{'=' + value if value else ''} on the notify socket within "
+                                     f"{timeout} s; got {[m for _, m in self.messages]}")
+            return found()
 
     def drain(self) -> list[dict]:
-        self.sock.setblocking(False)
-        try:
-            while True:
-                self.messages.append((time.monotonic(), dict(
-                    line.split("=", 1) for line in self.sock.recv(65536).decode().splitlines() if "=" in line)))
-        except BlockingIOError:
-            pass
-        finally:
-            self.sock.setblocking(True)
-        return [m for _, m in self.messages]
+        with self._cond:
+            return [m for _, m in self.messages]
 
     def close(self) -> None:
+        self._closed = True
+        self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
 

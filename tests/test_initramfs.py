@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import synthetic
-from conftest import REPO
+REPO = Path(__file__).resolve().parent.parent
 from kmodguard import initramfs
 from kmodguard.engine.plan import InitramfsDecision
 from kmodguard.errors import InvalidInput

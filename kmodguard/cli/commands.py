@@ -363,6 +363,10 @@ def _fix_request(args, paths) -> int:
     if args.devices or args.dry_run:
         raise InvalidInput("--request names the devices itself; it does not go with DEVICE or --dry-run")
     request = state.read_request(Path(args.request))
+    if request["kernel"] != paths.kver:
+        if args.kver:
+            raise InvalidInput(f"{args.request} is a fix for kernel {request['kernel']}, not {args.kver}")
+        paths = paths.with_kver(request["kernel"])  # the daemon judged that kernel's devices
     policy = config_mod.with_overrides(config_mod.load(paths.config_dir), request["overrides"],
                                        where=f"{args.request}: overrides")
     engine = Engine(paths, policy)

@@ -11,6 +11,8 @@ from typing import Callable
 
 import pyudev
 
+from ..devices import udev_context
+
 log = logging.getLogger(__name__)
 
 ACTIONS = frozenset({"add", "remove", "bind", "unbind", "change", "move"})
@@ -36,7 +38,7 @@ class UdevWatch:
         self.loop = loop
         self.on_event = on_event
         self.on_overflow = on_overflow
-        self.context = context or pyudev.Context()
+        self.context = context or udev_context()
         self.source = source or ("udev" if udevd_running() else "kernel")
         self.monitor = pyudev.Monitor.from_netlink(self.context, source=self.source)
         try:

@@ -43,11 +43,16 @@ async def _run(args: list[str], progress: Callable[[str], None] | None = None, *
 
 
 class ChildRunner:
+    """The fix as a child process that sees the daemon's paths (options included)."""
+
     name = "child process"
+
+    def __init__(self, environment: dict[str, str]):
+        self.environment = environment
 
     async def run(self, request: Path, progress: Callable[[str], None]) -> int:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        return await _run(fix_command(request), progress, env=env)
+        return await _run(fix_command(request), progress, env={**env, **self.environment})
 
 
 class UnitRunner:
@@ -59,7 +64,8 @@ class UnitRunner:
         return await _run(["systemctl", "start", FIX_UNIT])
 
 
-async def choose() -> ChildRunner | UnitRunner:
+async def choose(environment: dict[str, str]) -> ChildRunner | UnitRunner:
+    """The unit when systemd runs and it is installed, else a child process given `environment`."""
     if systemd.booted():
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -71,4 +77,4 @@ async def choose() -> ChildRunner | UnitRunner:
         except OSError:
             pass
         log.info("%s is not installed: fixes run as child processes", FIX_UNIT)
-    return ChildRunner()
+    return ChildRunner(environment)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import pyudev
 
 from .. import config as config_mod
-from ..devices import Device, from_udev
+from ..devices import Device, from_udev, udev_context
 from ..engine import state
 from ..engine.api import Engine, device_json
 from ..engine.diagnosis import NEEDS_ACTION, Verdict
@@ -102,6 +102,7 @@ class Daemon:
         self._fix_task: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self._noted: set[str] = set()  # unindexed devices already told about
+        self._status_sent: str | None = None
         self.runner = None
         self.watch: UdevWatch | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -111,7 +112,7 @@ class Daemon:
     async def start(self) -> None:
         """Watch, then scan (an event between the two is judged twice, never lost), then resume."""
         self.loop = asyncio.get_running_loop()
-        self.runner = await runners.choose()
+        self.runner = await runners.choose(self.paths.as_environment())
         self.watch = UdevWatch(self.loop, self.on_event, self.rescan)
         self._resume()  # before the first decision: an interrupted fix goes first
         self.decide(None)
@@ -125,7 +126,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await self.start()
         period = systemd.watchdog_period()
         if period:
@@ -151,16 +152,23 @@ class Daemon:
             except OSError:
                 pass
 
+    def _on_sighup(self) -> None:
+        try:
+            self.reload()
+        except KmodguardError:
+            pass  # reload() said why; the previous configuration stays in force
+
     def reload(self) -> None:
         """SIGHUP / D-Bus Reload: re-read the policy and the indexes, judge everything again."""
+        systemd.notify(RELOADING=1)
         try:
             self.policy = config_mod.load(self.paths.config_dir)
         except KmodguardError as exc:
             log.error("configuration not reloaded, keeping the previous one: %s", exc.message)
+            systemd.notify(READY=1, STATUS=self.status_line())
             raise
         self.engine = None
         log.info("configuration and indexes reloaded (mode %s)", self.policy.mode)
-        systemd.notify(RELOADING=1)
         self.decide(None)
         systemd.notify(READY=1, STATUS=self.status_line())
 
@@ -230,7 +238,7 @@ class Daemon:
     def decide(self, burst: dict[str, float] | None) -> None:
         """Judge the devices of a burst (None: every device), publish what changed, act on policy."""
         engine = self.current_engine()
-        context = pyudev.Context()
+        context = udev_context()
         if burst is None:
             from ..devices import enumerate_devices
 
@@ -364,7 +372,7 @@ class Daemon:
         one at a time. Afterwards every device is judged again (an install changes many verdicts)."""
         config_mod.with_overrides(self.policy, overrides)  # refuse bad options before anything runs
         async with self._fix_lock:
-            request = state.write_request(self.paths.state_dir, device_ids, requested_by, overrides)
+            request = state.write_request(self.paths.state_dir, self.paths.kver, device_ids, requested_by, overrides)
             record = await self._run_request(request)
         self.decide(None)
         return record
@@ -464,7 +472,10 @@ class Daemon:
         except OSError as exc:
             log.error("cannot write the snapshot %s: %s", self.paths.snapshot, exc)
         self._motd()
-        systemd.notify(STATUS=self.status_line())
+        line = self.status_line()
+        if line != self._status_sent:  # systemd wants news, not a copy per event
+            systemd.notify(STATUS=line)
+            self._status_sent = line
         self.publisher.changed()
 
     def _motd(self) -> None:
@@ -488,7 +499,7 @@ class Daemon:
             path.parent.mkdir(parents=True, exist_ok=True)
             from ..fsutil import write_atomic
 
-            write_atomic(path, ("\n".join(lines) + "\n").encode(), 0o644)
+            write_atomic(path, ("\n".join(lines) + "\n").encode(), 0o644, durable=False)  # in /run
         except OSError as exc:
             log.debug("cannot write %s: %s", path, exc)
 
