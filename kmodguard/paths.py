@@ -30,7 +30,9 @@ ENVIRONMENT = {
 
 
 def running_kernel() -> str:
-    return os.uname().release
+    """uname -r, unless KMODGUARD_KVER names the kernel to treat as running (an image being built
+    in a chroot runs the builder's kernel, not its own)."""
+    return os.environ.get("KMODGUARD_KVER") or os.uname().release
 
 
 class Paths(NamedTuple):
@@ -90,7 +92,8 @@ class Paths(NamedTuple):
 
     @property
     def installed_modules(self) -> Path:
-        return self.modules_dir if self.modules_dir is not None else Path("/lib/modules") / self.kver
+        """KMODGUARD_MODULES_DIR, else ROOT/lib/modules/KVER."""
+        return self.modules_dir if self.modules_dir is not None else self.root / "lib/modules" / self.kver
 
     @property
     def index_root(self) -> Path:

@@ -43,6 +43,14 @@ class Backend(Protocol):
         a request is in no repository, Busy when the package lock stayed held past lock_wait,
         KmodguardError on any other failure (message says what to do)."""
 
+    # For `kmodguard index fetch` (dnf, dnf5 and apt have them):
+
+    def provides(self, request: str) -> list[str]:
+        """What the repository's package for the request provides (kmod(NAME.ko), ...): metadata only."""
+
+    def download(self, requests: list[str], destdir, timeout: float) -> list:
+        """Download (never install) the packages into destdir; returns the package files."""
+
 
 def choose(name: str, package_manager: str | None, root=None, timeout: float = 900.0) -> Backend:
     """The backend by policy name ("auto": the distribution's own package manager)."""

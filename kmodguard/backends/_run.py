@@ -12,11 +12,12 @@ from ..errors import KmodguardError
 log = logging.getLogger(__name__)
 
 
-def run(args: list[str], timeout: float, name: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def run(args: list[str], timeout: float, name: str, env_extra: dict | None = None,
+        cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", **(env_extra or {})}
     log.debug("running %s", args)
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True, cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -59,3 +59,14 @@ class AptBackend:
                 raise Busy("the dpkg lock stayed held", hint="another package manager is running; try again later")
             raise KmodguardError(f"apt-get install failed: {last_line(res)}")
         return InstallResult(tuple(requests), output)
+
+    def provides(self, request: str, timeout: float = 120) -> list[str]:
+        return []  # Debian packages carry no kmod() provides: fetch downloads
+
+    def download(self, requests: list[str], destdir: Path, timeout: float) -> list[Path]:
+        destdir = Path(destdir)
+        res = run(["apt-get", *self._opts(), "download", *[_name(r) for r in requests]], timeout, "apt-get",
+                  cwd=destdir)  # apt-get download writes into the current directory
+        if res.returncode != 0:
+            raise PackageUnavailable(f"apt-get download failed: {last_line(res)}")
+        return sorted(destdir.glob("*.deb"))

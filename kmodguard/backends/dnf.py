@@ -126,6 +126,31 @@ class DnfBackend:
         return InstallResult(tuple(requests), output)
 
 
+    def provides(self, request: str, timeout: float | None = None) -> list[str]:
+        split_request(request)
+        res = self._run(self._base() + ["repoquery", "--latest-limit", "1", "--provides", "--whatprovides",
+                                        request], timeout or self.timeout)
+        if res.returncode != 0:
+            raise KmodguardError(f"{self.name} repoquery --provides failed for {request!r}: {_last_line(res)}")
+        return [line.strip() for line in res.stdout.splitlines() if line.strip()]
+
+    def download(self, requests: list[str], destdir: Path, timeout: float) -> list[Path]:
+        """`dnf download` (dnf-plugins-core's command in dnf 4, built into dnf5): no install, and
+        signatures are checked when the packages are installed, not here (they are only read)."""
+        for r in requests:
+            split_request(r)
+        destdir = Path(destdir)
+        res = self._run(self._base() + ["download", "--destdir", str(destdir), *requests], timeout)
+        if res.returncode != 0:
+            if "No such command: download" in res.stdout + res.stderr:
+                raise KmodguardError("dnf has no 'download' command here",
+                                     hint="install dnf-plugins-core (dnf 4), or use dnf5")
+            if "No package" in res.stdout + res.stderr or "No match" in res.stdout + res.stderr:
+                raise PackageUnavailable(f"no repository has {', '.join(requests)}", hint=UNAVAILABLE_HINT)
+            raise KmodguardError(f"{self.name} download failed: {_last_line(res)}")
+        return sorted(destdir.glob("*.rpm"))
+
+
 UNAVAILABLE_HINT = ("the package for the running kernel has left the repositories (this happens after newer "
                     "kernels are published); either install it from a local package file "
                     "('dnf install ./kernel-modules-KVER.rpm'), or update the kernel ('dnf upgrade kernel'), "

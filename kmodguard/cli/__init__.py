@@ -32,6 +32,10 @@ environment (options win over these):
   KMODGUARD_FIRMWARE_DIRS firmware directories, ':'-separated ({kver} is replaced)
   KMODGUARD_SYSFS, KMODGUARD_PROC   where sysfs and procfs are mounted
   KMODGUARD_CONTAINER     force container detection: a name, or "none"
+  KMODGUARD_KVER          the kernel to treat as running (default: uname -r)
+  KMODGUARD_ROOT          where packages are installed (the package manager's --installroot)
+  KMODGUARD_MOTD_DIR      the daemon's message of the day (default /run/motd.d)
+  DBUS_SYSTEM_BUS_ADDRESS the system bus (the daemon serves there; fix finds the daemon there)
 """
 
 DESCRIPTION = """\
@@ -91,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         Needs no root and no daemon; a running daemon's state is attached as "daemon".""")
     status.add_argument("--all", action="store_true", default=False,
                         help="also list bound and ignored devices one by one (default: counted)")
+    status.add_argument("--prometheus", action="store_true", default=False,
+                        help="print Prometheus metrics (text exposition format) instead")
+    status.add_argument("--output", metavar="FILE", default=None,
+                        help="with --prometheus: write FILE atomically (node_exporter's textfile collector)")
     status.set_defaults(func="status")
 
     explain = command("explain", "the verdict for modalias strings", """\
@@ -123,6 +131,45 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--request", metavar="FILE", default=None,
                      help="run the fix the daemon recorded in FILE (kmodguard-fix.service uses this)")
     fix.set_defaults(func="fix")
+
+    check = command("check", "would the devices keep their drivers (now, under a new kernel, after a removal)", """\
+        Without options: which devices need a package or a fix now (quiet when none; exit 3 when some
+        do). With --apply-policy, also do what the policy's mode says: offer (journal and MOTD), auto
+        (fix the devices on auto_buses, through the daemon when it runs), off (nothing); this is what
+        kmodguard-check.service runs when cloud-init has written its settings.
+
+        --kver NEW: judge this machine's devices under kernel NEW's installed modules and index:
+        exit 3 when a device that has a driver now would have none (and name the package that
+        would give it one). The kernel-install plugin runs this for every kernel added.
+
+        --removal PACKAGE...: which devices would lose their driver if these packages were removed
+        (every installed module that matches them lives in those packages). Exit 3 when some would.
+        The dnf plugin runs this before a removal transaction.""")
+    check.add_argument("--removal", nargs="+", metavar="PACKAGE", default=None,
+                       help="the packages whose removal to judge")
+    check.add_argument("--apply-policy", action="store_true", default=False,
+                       help="act as the policy's mode says (offer: journal, MOTD; auto: fix)")
+    check.add_argument("--notify", action="store_true", default=False,
+                       help="with --kver: also tell the journal and the MOTD (/run/motd.d/kmodguard-kernel)")
+    check.set_defaults(func="check")
+
+    config = command("config", "the policy in /etc/kmodguard", """\
+        kmodguard's policy: CONFIG_DIR/kmodguard.toml and CONFIG_DIR/conf.d/*.toml (read in name
+        order; later files override earlier ones key by key).""")
+    csub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", parser_class=_Parser, required=True)
+    ccheck = csub.add_parser("check", help="validate the policy files and print the policy in force",
+                             parents=[common], formatter_class=fmt, epilog=EXIT_CODES, description=textwrap.dedent("""\
+        Read every policy file as the daemon would and print the policy that results, or the first
+        bad value with its file, key and the allowed values (exit 2). Use it after writing a
+        drop-in (cloud-init's write_files, Ansible)."""))
+    ccheck.set_defaults(func="config_check")
+
+    footprint = command("footprint", "where the space of the kernel's modules goes", """\
+        For each installed package that holds modules of the kernel (--kver, default the running
+        one): its installed size and its download (header and compressed payload), how many of its
+        modules this machine's devices use, and what removing it would save. Read from the package
+        database and sysfs; changes nothing.""")
+    footprint.set_defaults(func="footprint")
 
     daemon = command("daemon", "watch udev and act on policy (the service kmodguard.service runs)", """\
         Run in the foreground (systemd's Type=notify service, or by hand): judge every device at start
@@ -169,6 +216,27 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("packages", nargs="*", metavar="PACKAGE", help="only these packages")
     show.add_argument("--modules", action="store_true", default=False, help="list each package's modules too")
     show.set_defaults(func="index_show")
+    fetch = isub.add_parser("fetch", help="index a kernel's modules packages from the repositories", parents=[common],
+                            formatter_class=fmt, epilog=EXIT_CODES, description=textwrap.dedent("""\
+        Index the allow-listed modules packages the repositories have for --kver (default: the
+        running kernel), without installing them. When the repository metadata says which modules a
+        package holds (kmod(NAME.ko) provides) and another kernel's index knows all of them, that
+        index is carried over and nothing is downloaded; otherwise the packages are downloaded with
+        the package manager's download command into the state directory, indexed, and the download
+        removed. Image builders should rather run 'index build' while the packages are at hand.
+        Exit 5 when no repository has a modules package for the kernel."""))
+    fetch.add_argument("--download", action="store_true", default=False,
+                       help="always download (do not carry another kernel's index over)")
+    fetch.set_defaults(func="index_fetch")
+    derive = isub.add_parser("derive", help="prepare a new kernel's index from the running kernel's", parents=[common],
+                             formatter_class=fmt, epilog=EXIT_CODES, description=textwrap.dedent("""\
+        Give kernel --kver an index made from another kernel's (--from-kver, default: the running
+        kernel), for every package that has none yet: the same modules and aliases are assumed, the
+        request names the new kernel ('kernel-modules-uname-r = NEW'). The kernel-install plugin
+        runs this when a kernel is added, so that the machine is covered from its first boot into
+        it; 'kmodguard index fetch' or 'index build' later replace it with the real thing."""))
+    derive.add_argument("--from-kver", metavar="OLD", default=None, help="the kernel whose index to start from")
+    derive.set_defaults(func="index_derive")
     rm = isub.add_parser("remove", help="forget a package's index", parents=[common], formatter_class=fmt,
                          epilog=EXIT_CODES, description="Remove the index of PACKAGE for --kver.")
     rm.add_argument("packages", nargs="+", metavar="PACKAGE")

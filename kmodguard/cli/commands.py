@@ -33,7 +33,19 @@ def status(args) -> int:
     paths = make_paths(args)
     engine = Engine(paths, meanwhile=enumerate_devices)
     judged = engine.judge(engine.meanwhile_result)
-    if args.json:
+    if args.output and not args.prometheus:
+        raise InvalidInput("--output goes with --prometheus")
+    if args.prometheus:
+        from .metrics import exposition
+
+        text = exposition(engine, judged, read_snapshot(paths.snapshot))
+        if args.output:
+            from ..fsutil import write_atomic
+
+            write_atomic(Path(args.output), text.encode(), 0o644)
+        else:
+            sys.stdout.write(text)
+    elif args.json:
         emit_json(engine.status_document(judged, read_snapshot(paths.snapshot)))
     else:
         _print_status(paths, engine.env, engine.diagnoser, judged, show_all=args.all)
@@ -254,6 +266,41 @@ def index_show(args) -> int:
     return ExitCode.ERROR if doc["errors"] else ExitCode.OK
 
 
+def index_fetch(args) -> int:
+    from ..index.fetch import fetch
+
+    paths = make_paths(args)
+    engine = Engine(paths)
+    done = fetch(engine, paths.kver, progress, download=args.download)
+    if args.json:
+        emit_json({"kernel": paths.kver, "packages": done})
+    else:
+        for p in done:
+            print(f"{p['package']} {p['version']} for kernel {paths.kver}: {p['modules']} modules ({p['how']}), "
+                  f"install request {p['request']!r}")
+    return ExitCode.OK
+
+
+def index_derive(args) -> int:
+    from ..index.build import derive
+    from ..paths import running_kernel
+
+    paths = make_paths(args)
+    old = args.from_kver or running_kernel()
+    if old == paths.kver:
+        raise InvalidInput(f"--kver {paths.kver} is the kernel to derive from: name the new kernel with --kver")
+    made = derive(paths.index_root, old, paths.kver)
+    if args.json:
+        emit_json({"kernel": paths.kver, "derived_from": old, "built": [p.summary() for p in made]})
+    elif made:
+        for p in made:
+            print(f"derived {p.name} for kernel {paths.kver} from {old}'s index (install request {p.request!r})")
+    else:
+        print(f"nothing to derive: kernel {old} has no index with a per-kernel request, "
+              f"or {paths.kver} has every package already")
+    return ExitCode.OK
+
+
 def index_remove(args) -> int:
     from ..index.store import remove
 
@@ -414,3 +461,223 @@ def daemon(args) -> int:
     from ..daemon import run
 
     return run(make_paths(args), use_bus=not args.no_bus)
+
+
+# --- check --------------------------------------------------------------------------------
+
+def check(args) -> int:
+    from ..devices import enumerate_devices
+    from ..paths import running_kernel
+
+    paths = make_paths(args)
+    if args.removal and args.kver and args.kver != running_kernel():
+        raise InvalidInput("--removal judges the running kernel's devices; it does not go with --kver")
+    if args.apply_policy and (args.removal or (args.kver and args.kver != running_kernel())):
+        raise InvalidInput("--apply-policy acts on the machine as it is now: not with --removal or another --kver")
+    if args.removal:
+        return _check_removal(args, paths, enumerate_devices())
+    if args.kver and args.kver != running_kernel():
+        return _check_kernel(args, paths, enumerate_devices())
+    return _check_now(args, paths, enumerate_devices())
+
+
+def _check_now(args, paths, devices) -> int:
+    from ..engine.api import device_json
+
+    engine = Engine(paths)
+    judged = engine.judge(devices)
+    plan = engine.plan(judged, boot_critical=False)
+    need = [(d, v) for d, v in judged if v.verdict in ("missing", "loadable")]
+    applied = _apply_policy(engine, plan, need) if args.apply_policy else None
+    if args.json:
+        emit_json({"kernel": paths.kver, "mode": engine.policy.mode,
+                   "devices": [device_json(d, v) for d, v in need], "applied": applied})
+    elif need:
+        print(f"kmodguard check: {len(need)} device(s) need a driver on kernel {paths.kver}:")
+        print(table([(safe(d.id, 60), v.verdict, safe(v.reason)) for d, v in need]))
+        if applied:
+            print(f"done: {applied['action']}: {safe(applied['detail'])}")
+        else:
+            print("next: 'kmodguard fix --dry-run' shows the plan; 'sudo kmodguard fix' carries it out")
+    else:
+        print(f"kmodguard check: every device with a modalias is served or left alone on purpose ({paths.kver})")
+    if applied and applied.get("exit_code") not in (None, 0):
+        return applied["exit_code"]
+    return _exit_for(v for _, v in need)
+
+
+def _apply_policy(engine, plan, need) -> dict:
+    """What the policy's mode says to do about the devices that need a driver now."""
+    import logging
+
+    from ..engine.offer import Offer, motd_text, write_motd
+    from ..engine.state import read_snapshot
+
+    log = logging.getLogger("kmodguard.check")
+    mode = engine.policy.mode
+    daemon = read_snapshot(engine.paths.snapshot)
+    if mode == "off":
+        return {"action": "none", "detail": "mode off"}
+    for d, v in need:
+        log.warning("%s needs a driver: %s: %s", d.id, v.verdict, v.reason,
+                    extra={"DEVICE": d.syspath, "MODALIAS": d.modalias, "KMODGUARD_VERDICT": v.verdict})
+    if mode == "offer" or not engine.auto_eligible(plan.devices):
+        if daemon is None:  # the daemon keeps the MOTD when it runs
+            candidates = {a.id: a for a in plan.devices}
+            offers = [Offer(d.id, candidates[d.id].module, candidates[d.id].package,
+                            v.candidates[0].version if v.candidates else None)
+                      for d, v in need if candidates.get(d.id) and candidates[d.id].action in ("install", "load")]
+            write_motd(engine.paths.motd, motd_text(offers))
+        return {"action": "offer", "detail": f"{len(need)} device(s) announced"
+                + ("" if mode == "offer" else "; none that mode auto may fix (bus, back-off or this system)")}
+    ids = engine.auto_eligible(plan.devices)
+    if daemon and daemon.get("bus"):
+        from . import client
+
+        code, doc = client.fix(ids, {}, progress)
+        return {"action": "fix", "detail": f"the daemon fixed {', '.join(ids)} (exit {code})", "exit_code": code,
+                "report": doc}
+    if os.geteuid() != 0:
+        from ..errors import NotAuthorized
+
+        raise NotAuthorized("mode auto fixes devices: run 'kmodguard check --apply-policy' as root")
+    fix_plan = engine.plan(engine.judge(engine.select(ids)))
+    code, doc = engine.run_fix(fix_plan, engine.backend(), progress)
+    return {"action": "fix", "detail": f"fixed {', '.join(ids)} (exit {code})", "exit_code": code, "report": doc}
+
+
+def _check_kernel(args, paths, devices) -> int:
+    from ..engine.lifecycle import kernel_change
+
+    from ..paths import running_kernel
+
+    now = Engine(paths.with_kver(running_kernel()))
+    paths = paths._replace(modules_dir=None)  # KMODGUARD_MODULES_DIR is the running kernel's tree
+    new = Engine(paths, now.policy, now.env._replace(
+        modules_dir=paths.installed_modules,
+        modules_dir_present=(paths.installed_modules / "modules.dep.bin").exists()))
+    doc = kernel_change(now, new, devices)
+    if args.notify:
+        _notify_kernel_change(paths, doc)
+    if args.json:
+        emit_json(doc)
+    else:
+        _print_kernel_change(doc)
+    return ExitCode.ACTION_NEEDED if doc["loses_driver"] else ExitCode.OK
+
+
+def _notify_kernel_change(paths, doc) -> None:
+    """The journal, and a MOTD fragment of its own (the daemon's is about the running kernel)."""
+    import logging
+
+    from ..engine.offer import write_motd
+
+    lost = [d for d in doc["devices"] if d["loses_driver"]]
+    path = paths.motd_dir / "kmodguard-kernel"
+    if not lost:
+        write_motd(path, None)
+        return
+    log = logging.getLogger("kmodguard.check")
+    for d in lost:
+        log.warning("under kernel %s, %s would have no driver (%s)", doc["kernel"], d["id"], d["reason_after"],
+                    extra={"DEVICE": d["syspath"], "MODALIAS": d["modalias"], "KMODGUARD_KERNEL": doc["kernel"]})
+    requests = " ".join(f"'{i['request']}'" for i in doc["install"])
+    text = (f"kmodguard: under kernel {doc['kernel']}, {len(lost)} device(s) would have no driver: "
+            f"{', '.join(d['id'] for d in lost[:6])}{' ...' if len(lost) > 6 else ''}.\n"
+            + (f"Install before rebooting into it: {requests}\n" if requests else
+               f"Run 'kmodguard check --kver {doc['kernel']}' for details.\n"))
+    write_motd(path, text)
+
+
+def _print_kernel_change(doc) -> None:
+    kver, lost = doc["kernel"], [d for d in doc["devices"] if d["loses_driver"]]
+    if not doc["environment"]["modules_dir_present"]:
+        print(f"Note: kernel {kver} has no module tree at {doc['environment']['modules_dir']} (not installed yet?): "
+              "only built-in drivers and the index can be asked.")
+    if not lost:
+        print(f"kmodguard check: under kernel {kver}, every device that has a driver now keeps one "
+              f"({len(doc['devices'])} checked)")
+        return
+    print(f"kmodguard check: under kernel {kver}, {len(lost)} device(s) would have no driver:")
+    rows = []
+    for d in lost:
+        now = d["driver"] or (d["installed_modules"][0] if d["installed_modules"] else "-")
+        after = (f"{d['candidates_after'][0]['module']} in {d['candidates_after'][0]['package']} "
+                 f"{d['candidates_after'][0]['version']} (not installed for it)" if d["candidates_after"]
+                 else safe(d["reason_after"]))
+        rows.append((safe(d["id"], 60), f"now {safe(now)}", after))
+    print(table(rows))
+    if doc["install"]:
+        print("next: install before rebooting into it: "
+              + install_command(None, [i["request"] for i in doc["install"]]).replace(
+                  "install ", "", 1).replace(" with this system's package manager", ""))
+
+
+def _check_removal(args, paths, devices) -> int:
+    from ..engine.lifecycle import removal
+
+    engine = Engine(paths)
+    doc = removal(engine, devices, args.removal)
+    if args.json:
+        emit_json(doc)
+    elif not doc["loses_driver"]:
+        extra = f" ({len(doc['devices'])} would keep another matching module)" if doc["devices"] else ""
+        print(f"kmodguard check: removing {' '.join(args.removal)} takes no device's driver{extra}")
+    else:
+        print(f"kmodguard check: removing {' '.join(args.removal)} would leave {len(doc['loses_driver'])} "
+              "device(s) without a driver:")
+        print(table([(safe(d["id"], 60), d["verdict"], ", ".join(d["modules_lost"]))
+                     for d in doc["devices"] if d["loses_driver"]]))
+        print("next: keep the package, or accept that these devices stop working after a reboot or a re-probe")
+    return ExitCode.ACTION_NEEDED if doc["loses_driver"] else ExitCode.OK
+
+
+# --- config -------------------------------------------------------------------------------
+
+def config_check(args) -> int:
+    from .. import config as config_mod
+
+    paths = make_paths(args)
+    policy = config_mod.load(paths.config_dir)
+    doc = {"config_dir": str(paths.config_dir), "files": list(policy.sources), "policy": {
+        "mode": policy.mode, "auto_buses": list(policy.auto_buses), "packages": list(policy.packages),
+        "initramfs": policy.initramfs, "backend": policy.backend, "timeouts": policy.timeouts._asdict(),
+        "ignore": {k: list(v) for k, v in policy.ignore._asdict().items()}}}
+    if args.json:
+        emit_json(doc)
+        return ExitCode.OK
+    files = ", ".join(policy.sources) or f"none (defaults; {paths.config_dir}/kmodguard.toml is absent)"
+    print(f"policy files read: {files}")
+    p = doc["policy"]
+    print(f"mode = {p['mode']!r}; auto_buses = {p['auto_buses']}; initramfs = {p['initramfs']!r}; "
+          f"backend = {p['backend']!r}")
+    print(f"packages = {p['packages']}")
+    print(f"timeouts = {p['timeouts']}; ignore = {p['ignore']}")
+    return ExitCode.OK
+
+
+# --- footprint ----------------------------------------------------------------------------
+
+def footprint(args) -> int:
+    from ..devices import enumerate_devices
+    from ..engine.footprint import footprint as measure
+
+    paths = make_paths(args)
+    doc = measure(Engine(paths), enumerate_devices())
+    if args.json:
+        emit_json(doc)
+        return ExitCode.OK
+    if not doc["packages"]:
+        print(f"no installed package holds modules of kernel {paths.kver} ({doc['modules_dir']})")
+        return ExitCode.OK
+    print(f"kmodguard footprint: kernel {paths.kver}, {doc['modules_dir']}")
+    rows = [("package", "modules", "in use", "installed", "download", "")]
+    for p in doc["packages"]:
+        note = (f"needed by {', '.join(p['devices'][:3])}{' ...' if len(p['devices']) > 3 else ''}" if p["devices"]
+                else f"removing it would save {_size(p['removal_saves_bytes'])}")
+        rows.append((p["package"], str(p["modules"]), str(len(p["modules_in_use"])), _size(p["installed_bytes"]),
+                     _size(p["package_bytes"]), note))
+    print(table(rows, indent=""))
+    if doc["unowned_modules"]:
+        print(f"{doc['unowned_modules']} module file(s) belong to no package (built locally: DKMS, akmods?)")
+    return ExitCode.OK

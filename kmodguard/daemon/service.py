@@ -28,6 +28,7 @@ from ..devices import Device, from_udev, udev_context
 from ..engine import state
 from ..engine.api import Engine, device_json
 from ..engine.diagnosis import NEEDS_ACTION, Verdict
+from ..engine.offer import Offer, motd_text, write_motd
 from ..errors import InvalidInput, KmodguardError
 from ..paths import Paths
 from . import runner as runners
@@ -52,6 +53,14 @@ class Held(NamedTuple):
     verdict: Verdict
     action: str  # the plan's: install | load | refused | none
     since: float
+
+    @property
+    def id(self) -> str:
+        return self.device.id
+
+    @property
+    def subsystem(self) -> str:
+        return self.device.subsystem
 
     @property
     def candidate(self):
@@ -311,12 +320,7 @@ class Daemon:
     # --- fixing ----------------------------------------------------------------------------------
 
     def _auto_candidates(self) -> list[str]:
-        if self.engine is None or self.engine.env.why_not:
-            return []
-        backoff = state.Backoff(self.paths.state_dir)
-        return [i for i, h in self.held.items()
-                if h.action in ("install", "load") and h.device.subsystem in self.policy.auto_buses
-                and not backoff.waiting(i)]
+        return self.engine.auto_eligible(self.held.values()) if self.engine is not None else []
 
     def _maybe_fix(self) -> None:
         if self._fix_task is not None:
@@ -479,29 +483,10 @@ class Daemon:
         self.publisher.changed()
 
     def _motd(self) -> None:
-        offer = [h for h in self.held.values() if h.action in ("install", "load")]
-        path = self.paths.motd
-        if self.policy.mode == "off" or not offer:
-            try:
-                path.unlink()
-            except OSError:
-                pass
-            return
-        lines = [f"kmodguard: {len(offer)} device(s) have no driver, and one is available:"]
-        for h in offer[:8]:
-            where = (f"{h.candidate.package} {h.candidate.version} (not installed)" if h.candidate
-                     else "installed, not loaded")
-            lines.append(f"  {_printable(h.device.id)}: {h.module} in {where}")
-        if len(offer) > 8:
-            lines.append(f"  ... and {len(offer) - 8} more")
-        lines.append("Run 'sudo kmodguard fix' to install and load it ('kmodguard status' tells more).")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            from ..fsutil import write_atomic
-
-            write_atomic(path, ("\n".join(lines) + "\n").encode(), 0o644, durable=False)  # in /run
-        except OSError as exc:
-            log.debug("cannot write %s: %s", path, exc)
+        offers = [Offer(h.device.id, h.module, h.candidate.package if h.candidate else None,
+                        h.candidate.version if h.candidate else None)
+                  for h in self.held.values() if h.action in ("install", "load")]
+        write_motd(self.paths.motd, motd_text(offers) if self.policy.mode != "off" else None)
 
     # --- what the fronts ask ---------------------------------------------------------------------
 
@@ -542,7 +527,3 @@ def _wait_for_lock(state_dir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
     finally:
         os.close(fd)
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() and c.isascii() else "?" for c in text)

@@ -123,6 +123,18 @@ class Engine:
                        installed_size=offers[p.request].installed_size) if p.request in offers else p
             for p in plan.install))
 
+    def auto_eligible(self, actions) -> list[str]:
+        """Ids of the devices mode `auto` acts on: the plan can act on them (install or load), their
+        bus is in auto_buses, they are not backing off after a failure, and this system may install.
+        `actions`: DeviceAction-like objects (id, subsystem, action)."""
+        if self.env.why_not:
+            return []
+        from .state import Backoff
+
+        backoff = Backoff(self.paths.state_dir)
+        return [a.id for a in actions if a.action in ("install", "load")
+                and a.subsystem in self.policy.auto_buses and not backoff.waiting(a.id)]
+
     # --- fixing ------------------------------------------------------------------------------
 
     def run_fix(self, plan: Plan, backend, progress: Callable[[str], None], *, request: dict | None = None):

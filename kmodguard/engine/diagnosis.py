@@ -261,6 +261,9 @@ class Diagnoser:
                 f"{n} ({why})" for n, why in blocked_all.items()), blacklisted=sorted(blocked_all))
         first = candidates[0]
         reason = f"no installed module matches; {first.module} in {first.package} {first.version} does"
+        derived = next((p.derived_from for p, _ in found if p.name == first.package and p.derived_from), None)
+        if derived:
+            reason += f" (assumed from kernel {derived}'s index until this kernel's package is indexed)"
         if first.firmware_missing:
             reason += f" (it names {len(first.firmware_missing)} firmware file(s) absent from the firmware directories)"
         return Verdict("missing", reason, candidates=candidates, blacklisted=sorted(blocked_all))

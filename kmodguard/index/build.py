@@ -160,3 +160,52 @@ def _read_modinfo(stage_mdir: Path, modules: list[Path], mdir: Path, progress) -
         if progress and (i % 250 == 0 or i == len(modules)):
             progress(f"read {i}/{len(modules)} modules")
     return records
+
+
+def derive(index_root: Path, old: str, new: str, *, only_modules: dict[str, set[str]] | None = None,
+           versions: dict[str, str] | None = None, packages: list[str] | None = None,
+           replace: bool = False) -> list[store.PackageIndex]:
+    """Index kernel NEW's packages from kernel OLD's index, without NEW's files: the same modules
+    and aliases are assumed until a real index replaces it (kernel-install runs this inside the
+    kernel's own transaction, where nothing can be downloaded).
+
+    Each OLD package whose request names OLD (NAME = OLD) gets one for NEW (NAME = NEW). With
+    `only_modules` ({package: module names}, from the repository's kmod(NAME.ko) provides) a
+    package's lookups are limited to the modules NEW's package really holds; `versions` gives NEW's
+    package versions when the repository told them. Packages NEW already has an index of are kept,
+    unless `replace`.
+    """
+    store.valid_name("kernel version", new)
+    old_index = store.KernelIndex(index_root, old)
+    have = {p.name for p in store.KernelIndex(index_root, new).packages}
+    made = []
+    for pkg in old_index.packages:
+        if (pkg.name in have and not replace) or (packages is not None and pkg.name not in packages):
+            continue
+        name, sep, version = pkg.request.partition(" = ")
+        if not sep or version != old:
+            continue  # the request does not name the kernel: nothing to carry over safely
+        meta = dict(pkg.meta)
+        meta["kernel"] = new
+        meta["package"] = {**meta["package"], "request": f"{name} = {new}",
+                           "version": (versions or {}).get(pkg.name) or _assumed_version(pkg.version, old, new)}
+        meta["derived_from"] = old
+        meta["built"] = time.time()
+        if only_modules is not None and pkg.name in only_modules:
+            meta["only_modules"] = sorted(only_modules[pkg.name])
+            meta["modules"] = len(meta["only_modules"])
+        stage = Path(tempfile.mkdtemp(prefix=f".derive-{pkg.name}.", dir=index_root))  # same file system
+        try:
+            shutil.copytree(pkg.path, stage / "index", symlinks=False)
+            (stage / "index" / store.META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            made.append(store.PackageIndex(store.publish(index_root, new, pkg.name, stage / "index"), new))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return made
+
+
+def _assumed_version(version: str, old: str, new: str) -> str:
+    """6.11.4-301.fc41 for kernel 6.11.4-301.fc41.x86_64 becomes NEW's VERSION-RELEASE the same way."""
+    if old.startswith(version):
+        return new[: len(new) - (len(old) - len(version))] if len(new) > len(old) - len(version) else new
+    return "unknown"

@@ -6,7 +6,10 @@ A package directory is a kmod-format module directory that libkmod opens as it i
                              empty kmod indexes: a package index answers aliases only
   modprobe.d/                the modprobe.d files the package ships (its own blacklists)
   modules.json.xz            per module: path, size, aliases, firmware, depends
-  index.json                 format, version, package, request, blacklist, checksums (written last)
+  index.json                 format, version, package, request, blacklist, checksums (written last);
+                             a derived index (build.derive) also says which kernel it was derived
+                             from ("derived_from") and may restrict the alias tables to the modules
+                             the new package is known to hold ("only_modules")
 """
 
 from __future__ import annotations
@@ -86,6 +89,9 @@ class PackageIndex:
             self.built = float(meta["built"])
             self.checksums = dict(meta["files"])
             self.source = meta.get("source")
+            self.derived_from = meta.get("derived_from")
+            only = meta.get("only_modules")
+            self.only_modules = None if only is None else frozenset(str(m) for m in only)
             indexed_kver = meta["kernel"]
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise IndexCorrupt(f"index {path} is corrupt: {META_FILE} lacks or mangles {exc}",
@@ -117,7 +123,8 @@ class PackageIndex:
         return ctx
 
     def lookup(self, modalias: str) -> list[str]:
-        return self.context.lookup(modalias)
+        found = self.context.lookup(modalias)
+        return found if self.only_modules is None else [m for m in found if m in self.only_modules]
 
     @cached_property
     def modules(self) -> dict[str, ModuleRecord]:
@@ -149,6 +156,7 @@ class PackageIndex:
             "size_bytes": self.disk_size,
             "path": str(self.link),
             "source": self.source,
+            "derived_from": self.derived_from,
         }
 
 

@@ -1,0 +1,140 @@
+"""`kmodguard index fetch`: an index for a kernel's modules packages without installing them.
+
+The primary path is an image builder running `kmodguard index build` while the packages are at
+hand; this is the fallback on a running machine. For each allow-listed modules package the
+repositories have for the kernel:
+
+1. without a download, when the repository metadata already says which modules the package holds
+   (Fedora's kmod(NAME.ko) provides) and another kernel's index of the same package knows every one
+   of them: that index is carried over, limited to those modules (aliases rarely change between
+   builds of one kernel series);
+2. otherwise the package is downloaded with the package manager's own download command (no
+   install) into a temporary directory under the state directory, indexed, and the download removed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from ..errors import KmodguardError, PackageUnavailable
+from . import build, store
+
+
+def _requests(policy, backend: str, kver: str) -> dict[str, str]:
+    """{package name: what to ask the package manager for} of the modules packages to index.
+    The -core packages come with the kernel itself."""
+    names = [n for n in policy.packages if not n.endswith("-core")]
+    if backend == "apt":
+        return {f"{n}-{kver}": f"{n}-{kver}" for n in names if n.startswith("linux-")}
+    return {n: f"{n}-uname-r = {kver}" for n in names if n.startswith("kernel")}
+
+
+def _version(nevra: str | None, name: str) -> str | None:
+    """kernel-modules-6.1.0-57.fc42.x86_64 -> 6.1.0-57.fc42"""
+    if not nevra or not nevra.startswith(name + "-"):
+        return None
+    return nevra[len(name) + 1:].rsplit(".", 1)[0]
+
+
+def _kmod_modules(provides: list[str]) -> set[str]:
+    out = set()
+    for p in provides:
+        if p.startswith("kmod(") and p.endswith(".ko)"):
+            out.add(p[5:-4].replace("-", "_"))
+    return out
+
+
+def _source_index(index_root: Path, kver: str, name: str, modules: set[str]) -> store.PackageIndex | None:
+    """The newest index of package `name` for another kernel that knows every one of `modules`."""
+    best = None
+    for other in store.kernels(index_root):
+        if other == kver:
+            continue
+        for pkg in store.KernelIndex(index_root, other).packages:
+            if pkg.name == name and pkg.derived_from is None and modules <= set(pkg.modules):
+                if best is None or pkg.built > best.built:
+                    best = pkg
+    return best
+
+
+def fetch(engine, kver: str, progress: Callable[[str], None], *, download: bool = False,
+          timeout: float = 1800) -> list[dict]:
+    """Index kver's modules packages; returns what was done for each one."""
+    paths = engine.paths
+    backend = engine.backend()
+    wanted = _requests(engine.policy, backend.name, kver)
+    progress(f"asking the repositories for the modules packages of kernel {kver}")
+    offers = {o.request: o for o in backend.query(list(wanted.values()))}
+    available = {name: req for name, req in wanted.items() if offers.get(req) and offers[req].available}
+    if not available:
+        raise PackageUnavailable(f"no repository has a modules package for kernel {kver} "
+                                 f"(asked for: {', '.join(wanted.values())})",
+                                 hint="check the repositories ('dnf repolist'); an image builder can index the "
+                                      "packages with 'kmodguard index build --from-rpm' instead")
+    done = []
+    to_download = []
+    have = {p.name: p for p in store.KernelIndex(paths.index_root, kver).packages}
+    for name, request in available.items():
+        if name in have and have[name].derived_from is None and not download:
+            progress(f"{name}: kernel {kver} has a real index of it already")
+            done.append({**have[name].summary(), "how": "already indexed"})
+            continue
+        version = _version(offers[request].nevra, name)
+        modules = _kmod_modules(backend.provides(request)) if not download else set()
+        source = _source_index(paths.index_root, kver, name, modules) if modules else None
+        if source is not None:
+            made = build.derive(paths.index_root, source.kver, kver, only_modules={name: modules},
+                                versions={name: version} if version else None, packages=[name], replace=True)
+            if made:
+                progress(f"{name}: {len(modules)} modules known from kernel {source.kver}'s index: no download")
+                done.append({**made[0].summary(), "how": "repository provides", "from_kernel": source.kver})
+                continue
+        to_download.append((name, request))
+    if to_download:
+        paths.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=paths.state_dir))
+        try:
+            progress(f"downloading {', '.join(r for _, r in to_download)} (nothing is installed)")
+            files = backend.download([r for _, r in to_download], tmp, timeout)
+            if not files:
+                raise KmodguardError(f"the package manager downloaded nothing for {', '.join(r for _, r in to_download)}")
+            done += [{**p, "how": "downloaded"} for p in _index_files(paths, kver, files, progress)]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the download is not kept
+    return done
+
+
+def _index_files(paths, kver: str, files: list[Path], progress) -> list[dict]:
+    import contextlib
+
+    out = []
+    rpms = [f for f in files if f.suffix == ".rpm"]
+    if rpms:
+        from . import rpmfile
+
+        with contextlib.ExitStack() as stack:
+            sources = [stack.enter_context(rpmfile.extracted(f, kver)) for f in rpms]
+            for source, pkg_kver in sources:
+                progress(f"indexing {source.name} {source.version}")
+                out.append(build.build_package(paths.index_root, pkg_kver, source, progress).summary())
+    for deb in (f for f in files if f.suffix == ".deb"):
+        out.append(_index_deb(paths, kver, deb, progress).summary())
+    return out
+
+
+def _index_deb(paths, kver: str, deb: Path, progress):
+    """A Debian/Ubuntu modules package (linux-modules-extra-KVER): its name is its request."""
+    import subprocess
+
+    fields = subprocess.run(["dpkg-deb", "-f", str(deb), "Package", "Version"], capture_output=True, text=True,
+                            check=True, timeout=120).stdout
+    info = dict(line.split(": ", 1) for line in fields.splitlines() if ": " in line)
+    with tempfile.TemporaryDirectory(dir=deb.parent) as root:
+        subprocess.run(["dpkg-deb", "-x", str(deb), root], check=True, timeout=600)
+        source = build.PackageSource(info["Package"], info["Version"], info["Package"], Path(root),
+                                     {"downloaded": deb.name})
+        progress(f"indexing {source.name} {source.version}")
+        return build.build_package(paths.index_root, kver, source, progress)

@@ -1,0 +1,325 @@
+"""A machine's life after its first fix: a new kernel arrives, a modules package is removed.
+
+The image is a real dnf installroot of the Fedora-like kernel (dnfimage.py) holding kernel-core,
+kernel-modules-core and kernel-modules of KVER; the repository also has KVER_NEXT. Devices are
+umockdev records: a NIC bound to kmg_core_nic (in kernel-modules-core) and a GPU bound to
+kmg_gpu (in kernel-modules). What is checked: `kmodguard check --removal / --kver`, the
+kernel-install plugin run by Debian's real kernel-install, and the dnf plugin inside real dnf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import synthetic
+from dnfimage import copy_image, dnf, history, image_env, installed
+from rpmbuild import KVER, KVER_NEXT
+
+REPO = Path(__file__).resolve().parent.parent
+GPU, NIC = synthetic.ALIAS["gpu"], synthetic.ALIAS["installed"]
+REQ_NEXT = f"kernel-modules-uname-r = {KVER_NEXT}"
+
+
+def pci(addr: str, modalias: str, driver: str | None) -> str:
+    lines = [f"P: /devices/pci0000:00/{addr}", "E: SUBSYSTEM=pci", f"E: PCI_SLOT_NAME={addr}",
+             f"E: MODALIAS={modalias}", f"A: modalias={modalias}", "A: driver_override=(null)"]
+    if driver:
+        lines += [f"E: DRIVER={driver}", f"L: driver=../../../bus/pci/drivers/{driver}"]
+    return "\n".join(lines) + "\n\n"
+
+
+BOUND = pci("0000:00:03.0", NIC, "kmg_core_nic") + pci("0000:00:05.0", GPU, "kmg_gpu")
+
+
+@pytest.fixture(scope="module")
+def modules_image(base_root, repo, tmp_path_factory):
+    """The cloud image after kmodguard fixed its GPU: kernel-modules of KVER installed too."""
+    root = copy_image(base_root, tmp_path_factory.mktemp("lifecycle") / "root")
+    res = dnf(root, "install", f"kernel-modules-uname-r = {KVER}")
+    assert res.returncode == 0, res.stdout
+    subprocess.run(["depmod", "-b", str(root), KVER], check=True)
+    return root
+
+
+@pytest.fixture
+def machine(modules_image, kmodguard, repo, tmp_path):
+    root = copy_image(modules_image, tmp_path / "root")
+    proc = tmp_path / "proc"  # a kernel that loads modules (this machine's does not)
+    proc.mkdir()
+    (proc / "modules").write_text("")
+    (proc / "cmdline").write_text("root=/dev/vda1 ro\n")
+    env = {**kmodguard.env, **image_env(root, tmp_path), "KMODGUARD_KVER": KVER,
+           "KMODGUARD_MOTD_DIR": str(tmp_path / "motd.d"), "KMODGUARD_PROC": str(proc)}
+    env.pop("KMODGUARD_MODULES_DIR")  # ROOT/lib/modules/KVER, for every kernel
+    kmg = dataclasses.replace(kmodguard, env=env).with_devices(BOUND, tmp_path)
+    _, rpms, _ = repo
+    kmg("index", "build", "--from-rpm", str(rpms[KVER]["kernel-modules"]), str(rpms[KVER]["kernel-modules-extra"]),
+        check_code=0)
+    return kmg, root
+
+
+def add_next_kernel(root: Path) -> None:
+    """kernel-core and kernel-modules-core of the next kernel, as a `dnf upgrade` would install them."""
+    res = dnf(root, "install", f"kernel-core-uname-r = {KVER_NEXT}", f"kernel-modules-core-uname-r = {KVER_NEXT}")
+    assert res.returncode == 0, res.stdout
+    subprocess.run(["depmod", "-b", str(root), KVER_NEXT], check=True)
+
+
+# --- kmodguard check --removal ----------------------------------------------------------------------
+
+def test_removal_of_the_package_that_drives_a_device_is_named(machine):
+    kmg, root = machine
+    doc = kmg("check", "--removal", "kernel-modules", "--json", check_code=3).json
+    assert doc["loses_driver"] == ["0000:00:05.0"]  # the GPU; the NIC's driver is in kernel-modules-core
+    (gpu,) = doc["devices"]
+    assert gpu["modules_lost"] == ["kmg_gpu"] and gpu["modules_kept"] == [] and gpu["driver"] == "kmg_gpu"
+    human = kmg("check", "--removal", "kernel-modules", check_code=3).stdout
+    assert "would leave 1 device(s) without a driver" in human and "0000:00:05.0" in human and "kmg_gpu" in human
+    before = installed(root)
+    assert kmg("check", "--removal", "kernel-core", check_code=0).stdout.startswith(
+        "kmodguard check: removing kernel-core takes no device's driver")  # it holds no module
+    doc = kmg("check", "--removal", "kernel-modules-core", "--json", check_code=3).json
+    assert doc["loses_driver"] == ["0000:00:03.0"]  # the NIC's
+    assert installed(root) == before  # nothing was removed by asking
+
+
+def test_removal_of_a_package_that_is_not_installed_is_a_clear_error(machine):
+    kmg, _ = machine
+    res = kmg("check", "--removal", "kernel-nonsense", "--json", check_code=2)
+    assert res.json["error"]["message"] == "kernel-nonsense is not installed"
+
+
+# --- kmodguard check --kver, index derive, the kernel-install plugin ---------------------------------
+
+def test_a_new_kernel_without_the_modules_package_would_strand_the_gpu(machine):
+    kmg, root = machine
+    add_next_kernel(root)
+    doc = kmg("check", "--kver", KVER_NEXT, "--json", check_code=3).json
+    assert doc["running"] == KVER and doc["kernel"] == KVER_NEXT
+    verdicts = {d["id"]: (d["verdict_after"], d["loses_driver"]) for d in doc["devices"]}
+    assert verdicts == {"0000:00:03.0": ("loadable", False), "0000:00:05.0": ("unindexed", True)}
+    assert doc["install"] == []  # NEXT has no index yet: kmodguard cannot name the package
+    # the kernel-install plugin's first step: an index for NEXT derived from the running kernel's
+    derived = kmg("index", "derive", "--kver", KVER_NEXT, "--json", check_code=0).json
+    assert {p["package"]: p["request"] for p in derived["built"]} == {
+        "kernel-modules": REQ_NEXT, "kernel-modules-extra": f"kernel-modules-extra-uname-r = {KVER_NEXT}"}
+    assert all(p["derived_from"] == KVER for p in derived["built"])
+    doc = kmg("check", "--kver", KVER_NEXT, "--json", check_code=3).json
+    assert doc["install"] == [{"package": "kernel-modules", "version": "6.1.0-57.fc42", "request": REQ_NEXT}]
+    human = kmg("check", "--kver", KVER_NEXT, check_code=3).stdout
+    assert "0000:00:05.0" in human and f"kmg_gpu in kernel-modules 6.1.0-57.fc42 (not installed for it)" in human
+    assert f"'{REQ_NEXT}'" in human
+    # with the package installed for NEXT, nothing is stranded
+    res = dnf(root, "install", REQ_NEXT)
+    assert res.returncode == 0, res.stdout
+    subprocess.run(["depmod", "-b", str(root), KVER_NEXT], check=True)
+    assert "keeps one (2 checked)" in kmg("check", "--kver", KVER_NEXT, check_code=0).stdout
+
+
+def kernel_install(kmg, root: Path, tmp_path: Path, kver: str, extra_env: dict | None = None):
+    """Debian's real kernel-install, with only kmodguard's plugin and a boot directory of the test."""
+    boot = tmp_path / "boot"
+    boot.mkdir(exist_ok=True)
+    image = root / "lib/modules" / kver / "vmlinuz"
+    env = {**kmg.env, "KERNEL_INSTALL_PLUGINS": str(REPO / "units/90-kmodguard.install"), "BOOT_ROOT": str(boot),
+           "KERNEL_INSTALL_MACHINE_ID": "0123456789abcdef0123456789abcdef",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(extra_env or {})}
+    cmd = ["umockdev-run", "--device", str(kmg.umockdev), "--", "kernel-install", "add", kver, str(image)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_kernel_install_plugin_reports_a_stranded_device_and_never_fails(machine, tmp_path):
+    kmg, root = machine
+    add_next_kernel(root)
+    res = kernel_install(kmg, root, tmp_path, KVER_NEXT)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert f"under kernel {KVER_NEXT}, 1 device(s) would have no driver" in out
+    assert f"'{REQ_NEXT}'" in out  # named from the index it derived for NEXT
+    motd = (tmp_path / "motd.d" / "kmodguard-kernel").read_text()
+    assert "0000:00:05.0" in motd and REQ_NEXT in motd
+    assert Path(kmg.env["KMODGUARD_INDEX_DIR"], KVER_NEXT, "kernel-modules").is_symlink()
+    # once the package is there for NEXT, the plugin is quiet and the MOTD fragment goes away
+    assert dnf(root, "install", REQ_NEXT).returncode == 0
+    subprocess.run(["depmod", "-b", str(root), KVER_NEXT], check=True)
+    res = kernel_install(kmg, root, tmp_path, KVER_NEXT)
+    assert res.returncode == 0 and "keeps one" in res.stdout
+    assert not (tmp_path / "motd.d" / "kmodguard-kernel").exists()
+
+
+def test_kernel_install_plugin_exits_0_even_when_kmodguard_fails(machine, tmp_path):
+    kmg, root = machine
+    add_next_kernel(root)
+    etc = tmp_path / "broken-etc"
+    etc.mkdir()
+    (etc / "kmodguard.toml").write_text('mode = "sometimes"\n')  # every kmodguard command now fails
+    res = kernel_install(kmg, root, tmp_path, KVER_NEXT, {"KMODGUARD_CONFIG_DIR": str(etc)})
+    assert res.returncode == 0, res.stderr  # the kernel's installation goes on
+    assert "mode must be one of off, offer, auto" in res.stdout  # and says why it could not check
+
+
+# --- the dnf plugin ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def dnf_with_plugin(machine, tmp_path):
+    """Real dnf (4) on the image with kmodguard's plugin, as the RPM installs it, seeing the devices."""
+    kmg, root = machine
+    confdir = tmp_path / "dnf-plugins.d"
+    confdir.mkdir()
+    (confdir / "kmodguard.conf").write_text((REPO / "packaging/dnf-plugin/kmodguard.conf").read_text())
+    env = {**kmg.env, "PYTHONPATH": str(REPO), "LC_ALL": "C"}
+
+    def run(*args: str, devices: Path | None = None) -> subprocess.CompletedProcess:
+        cmd = ["umockdev-run", "--device", str(devices or kmg.umockdev), "--",
+               "dnf", "-y", "--installroot", str(root), f"--setopt=pluginpath={REPO / 'packaging/dnf-plugin'}",
+               f"--setopt=pluginconfpath={confdir}", *args]
+        # one stream, in the order dnf wrote it (warnings go to stderr, the transaction to stdout)
+        return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+
+    return run, kmg, root
+
+
+def test_dnf_plugin_adds_the_modules_package_a_new_kernel_needs(dnf_with_plugin):
+    run, kmg, root = dnf_with_plugin
+    before = len(history(root))
+    res = run("install", f"kernel-core-uname-r = {KVER_NEXT}")
+    assert res.returncode == 0, res.stdout
+    assert f"kmodguard: adding {REQ_NEXT}: it drives 0000:00:05.0" in res.stdout
+    assert "kernel-modules-6.1.0-57.fc42" in installed(root)  # in the same transaction
+    assert len(history(root)) == before + 1
+
+
+def test_dnf_plugin_adds_nothing_when_no_device_needs_it(dnf_with_plugin, tmp_path):
+    run, kmg, root = dnf_with_plugin
+    only_nic = tmp_path / "nic.umockdev"
+    only_nic.write_text(pci("0000:00:03.0", NIC, "kmg_core_nic"))
+    res = run("install", f"kernel-core-uname-r = {KVER_NEXT}", devices=only_nic)
+    assert res.returncode == 0, res.stdout
+    assert "kmodguard: adding" not in res.stdout
+    assert "kernel-modules-6.1.0-57.fc42" not in installed(root)
+    assert "kernel-core-6.1.0-57.fc42" in installed(root)
+
+
+def test_dnf_plugin_warns_before_removing_a_driver_in_use(dnf_with_plugin):
+    run, kmg, root = dnf_with_plugin
+    res = run("remove", "kernel-modules")
+    out = res.stdout
+    assert "kmodguard: removing kernel-modules takes the driver of 0000:00:05.0 (modules: kmg_gpu)" in out
+    # the warning comes before the transaction runs
+    assert out.index("kmodguard: removing") < out.index("Running transaction")
+
+
+# --- kmodguard index fetch -----------------------------------------------------------------------------
+
+def index_of(kmg, kver: str) -> dict:
+    return {p["package"]: p for p in kmg("index", "show", "--kver", kver, "--json", check_code=0).json["packages"]}
+
+
+def test_fetch_carries_an_index_over_when_the_repository_names_the_modules(machine):
+    kmg, root = machine
+    kmg.env["KMODGUARD_CONFIG_DIR"] = _config(kmg, 'backend = "dnf"\n')
+    doc = kmg("index", "fetch", "--kver", KVER_NEXT, "--json", check_code=0).json
+    how = {p["package"]: (p["how"], p["version"], p["request"]) for p in doc["packages"]}
+    assert how == {"kernel-modules": ("repository provides", "6.1.0-57.fc42", REQ_NEXT),
+                   "kernel-modules-extra": ("repository provides", "6.1.0-57.fc42",
+                                            f"kernel-modules-extra-uname-r = {KVER_NEXT}")}
+    assert not list(Path(kmg.env["KMODGUARD_STATE_DIR"]).glob("fetch-*"))  # nothing downloaded, nothing left
+    # it answers like a real index of NEXT: the GPU's module is in NEXT's kernel-modules
+    res = kmg("explain", "--kver", KVER_NEXT, "--json", GPU).json["results"][0]
+    assert res["verdict"] == "missing" and res["candidates"][0]["request"] == REQ_NEXT
+
+
+def test_fetch_downloads_indexes_and_removes_the_download_when_nothing_is_known(machine):
+    kmg, root = machine
+    kmg.env["KMODGUARD_CONFIG_DIR"] = _config(kmg, 'backend = "dnf"\n')
+    before = installed(root)
+    doc = kmg("index", "fetch", "--kver", KVER_NEXT, "--download", "--json", check_code=0).json
+    assert {p["package"]: p["how"] for p in doc["packages"]} == {"kernel-modules": "downloaded",
+                                                                  "kernel-modules-extra": "downloaded"}
+    real = index_of(kmg, KVER_NEXT)
+    assert real["kernel-modules"]["derived_from"] is None and real["kernel-modules"]["request"] == REQ_NEXT
+    assert real["kernel-modules"]["modules"] == 7  # every module of the package, read from the RPM
+    assert installed(root) == before  # downloaded, never installed
+    assert not list(Path(kmg.env["KMODGUARD_STATE_DIR"]).glob("fetch-*"))  # and the download is gone
+
+
+def test_fetch_for_a_kernel_no_repository_has_exits_5(machine):
+    kmg, root = machine
+    kmg.env["KMODGUARD_CONFIG_DIR"] = _config(kmg, 'backend = "dnf"\n')
+    res = kmg("index", "fetch", "--kver", "6.1.0-99.fc42.x86_64", "--json", check_code=5)
+    assert res.json["error"]["name"] == "PackageUnavailable"
+    assert "no repository has a modules package for kernel 6.1.0-99.fc42.x86_64" in res.json["error"]["message"]
+
+
+def _config(kmg, text: str) -> str:
+    etc = Path(kmg.env["KMODGUARD_STATE_DIR"]).parent / "etc-fetch"
+    etc.mkdir(exist_ok=True)
+    (etc / "kmodguard.toml").write_text(text)
+    return str(etc)
+
+
+# --- footprint, Prometheus metrics, Ansible facts --------------------------------------------------
+
+def test_footprint_tells_what_each_modules_package_costs_and_who_uses_it(machine):
+    kmg, root = machine
+    doc = kmg("footprint", "--json", check_code=0).json
+    rows = {p["package"]: p for p in doc["packages"]}
+    assert set(rows) == {"kernel-modules-core-6.1.0-56.fc42", "kernel-modules-6.1.0-56.fc42"}
+    mods, core = rows["kernel-modules-6.1.0-56.fc42"], rows["kernel-modules-core-6.1.0-56.fc42"]
+    assert mods["modules"] == 7 and mods["modules_in_use"] == ["kmg_gpu"] and mods["devices"] == ["0000:00:05.0"]
+    assert core["devices"] == ["0000:00:03.0"] and not core["removable"] and not mods["removable"]
+    rpm_size = subprocess.run(["rpm", "--root", str(root), "-q", "--qf", "%{LONGSIZE}", "kernel-modules"],
+                              capture_output=True, text=True).stdout
+    assert mods["installed_bytes"] == int(rpm_size) and mods["package_bytes"] > 0
+    human = kmg("footprint", check_code=0).stdout
+    assert "kernel-modules-6.1.0-56.fc42" in human and "needed by 0000:00:05.0" in human
+    # with the GPU gone, kernel-modules is dead weight, and footprint says what removing it saves
+    nic = dataclasses.replace(kmg).with_devices(pci("0000:00:03.0", NIC, "kmg_core_nic"), Path(kmg.umockdev).parent)
+    rows = {p["package"]: p for p in nic("footprint", "--json", check_code=0).json["packages"]}
+    assert rows["kernel-modules-6.1.0-56.fc42"]["removable"]
+    assert rows["kernel-modules-6.1.0-56.fc42"]["removal_saves_bytes"] == int(rpm_size)
+
+
+def test_prometheus_metrics_parse_and_count_devices_by_verdict(machine, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    kmg, root = machine
+    devices = BOUND + pci("0000:00:07.0", synthetic.ALIAS["extra_xz"], None)  # + one that needs a package
+    kmg = kmg.with_devices(devices, tmp_path)
+    text = kmg("status", "--prometheus", check_code=3).stdout
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    verdicts = {s.labels["verdict"]: s.value for s in families["kmodguard_devices"].samples}
+    assert verdicts["bound"] == 2 and verdicts["missing"] == 1 and sum(verdicts.values()) == 3
+    assert {s.labels["package"] for s in families["kmodguard_index_age_seconds"].samples} == {
+        "kernel-modules", "kernel-modules-extra"}
+    assert families["kmodguard_daemon_up"].samples[0].value == 0
+    (info,) = families["kmodguard_info"].samples
+    assert info.labels["kernel"] == KVER and info.labels["mode"] == "offer"
+    out = tmp_path / "textfile" / "kmodguard.prom"
+    out.parent.mkdir()
+    kmg("status", "--prometheus", "--output", str(out), check_code=3)
+    written = {f.name: f for f in text_string_to_metric_families(out.read_text())}
+    assert written.keys() == families.keys() and oct(out.stat().st_mode & 0o777) == "0o644"
+    assert written["kmodguard_devices"].samples == families["kmodguard_devices"].samples
+
+
+def test_ansible_facts_script_prints_one_document_and_exits_0(machine):
+    kmg, root = machine
+    env = {**kmg.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    res = subprocess.run(["umockdev-run", "--device", str(kmg.umockdev), "--", str(REPO / "units/kmodguard.fact")],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    facts = json.loads(res.stdout)
+    assert {d["id"]: d["verdict"] for d in facts["devices"]} == {"0000:00:03.0": "bound", "0000:00:05.0": "bound"}
+    broken = {**env, "KMODGUARD_CONFIG_DIR": str(Path(kmg.umockdev).parent / "nowhere" / "x")}
+    Path(broken["KMODGUARD_CONFIG_DIR"]).mkdir(parents=True)
+    Path(broken["KMODGUARD_CONFIG_DIR"], "kmodguard.toml").write_text("mode = 1\n")
+    res = subprocess.run([str(REPO / "units/kmodguard.fact")], env=broken, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and json.loads(res.stdout)["error"]["name"] == "InvalidInput"
