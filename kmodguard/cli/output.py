@@ -22,8 +22,13 @@ def _json_safe(value):
 
 
 def emit_json(doc) -> None:
-    json.dump(_json_safe(doc), sys.stdout, indent=2, ensure_ascii=True)
-    sys.stdout.write("\n")
+    """One document on stdout: indented for a person at a terminal, compact (json's C encoder,
+    several times faster on 9,000 results) for a pipe."""
+    indent = 2 if sys.stdout.isatty() else None
+    text = json.dumps(doc, indent=indent, ensure_ascii=True)
+    if "\\udc" in text:  # a byte that was not UTF-8 may be in there (rare): rewrite those strings
+        text = json.dumps(_json_safe(doc), indent=indent, ensure_ascii=True)
+    sys.stdout.write(text + "\n")
 
 
 def progress(message: str) -> None:

@@ -40,6 +40,9 @@ def _check(rc: int, what: str) -> int:
     return rc
 
 
+_INFO_KEYS = frozenset({b"alias", b"firmware", b"depends"})  # what ModuleInfo keeps
+
+
 def _text(p) -> str | None:
     return None if p == ffi.NULL else ffi.string(p).decode("utf-8", "surrogateescape")
 
@@ -177,25 +180,27 @@ class Context:
         try:
             head = ffi.new("struct kmod_list **")
             _check(lib.kmod_module_get_info(mod, head), f"reading modinfo of {path}")
-            values: dict[str, list[str]] = {}
+            values: dict[bytes, list[str]] = {}
             try:
                 entry = head[0]
                 while entry != ffi.NULL:
-                    key = _text(lib.kmod_module_info_get_key(entry))
-                    values.setdefault(key, []).append(_text(lib.kmod_module_info_get_value(entry)) or "")
+                    # keys compared as bytes: a GPU driver has thousands of entries, most not wanted
+                    key = ffi.string(lib.kmod_module_info_get_key(entry))
+                    if key in _INFO_KEYS:
+                        values.setdefault(key, []).append(_text(lib.kmod_module_info_get_value(entry)) or "")
                     entry = lib.kmod_list_next(head[0], entry)
             finally:
                 lib.kmod_module_info_free_list(head[0])
             name = _text(lib.kmod_module_get_name(mod))
         finally:
             lib.kmod_module_unref(mod)
-        depends = tuple(d for v in values.get("depends", ()) for d in v.split(",") if d)
+        depends = tuple(d for v in values.get(b"depends", ()) for d in v.split(",") if d)
         return ModuleInfo(
             name=name,
             path=path,
             size=os.stat(path).st_size,
-            aliases=tuple(values.get("alias", ())),
-            firmware=tuple(values.get("firmware", ())),
+            aliases=tuple(values.get(b"alias", ())),
+            firmware=tuple(values.get(b"firmware", ())),
             depends=tuple(d.replace("-", "_") for d in depends),
         )
 
