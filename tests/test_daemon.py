@@ -111,6 +111,9 @@ def test_a_device_added_is_announced_by_signal_status_and_motd(started, testbed,
     doc = json.loads(res.stdout)
     assert doc["daemon"]["needs_driver"] == ["0000:00:05.0"] and doc["daemon"]["pid"] == daemon.proc.pid
     assert [d["verdict"] for d in doc["devices"]] == ["missing"]
+    human = subprocess.run(["umockdev-wrapper", sys.executable, "-m", "kmodguard", "status", "--kver", KVER],
+                           env=kmg.env, capture_output=True, text=True, timeout=60).stdout
+    assert f"daemon: running since {snap['since']}, mode offer" in human
     # offer mode: the MOTD names the device, the package and the one command that fixes it
     motd = (tmp_path / "motd.d" / "kmodguard").read_text()
     assert "0000:00:05.0: kmg_gpu in kernel-modules 6.1.0-1.kmg (not installed)" in motd

@@ -48,7 +48,8 @@ def status(args) -> int:
     elif args.json:
         emit_json(engine.status_document(judged, read_snapshot(paths.snapshot)))
     else:
-        _print_status(paths, engine.env, engine.diagnoser, judged, show_all=args.all)
+        _print_status(paths, engine.env, engine.diagnoser, judged, show_all=args.all,
+                      daemon=read_snapshot(paths.snapshot))
     return _exit_for(v for _, v in judged)
 
 
@@ -66,8 +67,13 @@ def _notes(paths, env, diagnoser) -> list[str]:
     return notes
 
 
-def _print_status(paths, env, diagnoser, judged, show_all: bool) -> None:
+def _print_status(paths, env, diagnoser, judged, show_all: bool, daemon: dict | None = None) -> None:
     print(f"kmodguard: kernel {paths.kver}, {len(judged)} devices with a modalias")
+    if daemon:
+        last = daemon.get("last_fix") or {}
+        fix = (f"; last fix {last.get('id')} ended with exit {last.get('exit_code')}" if last else "")
+        print(f"daemon: running since {daemon.get('since')}, mode {daemon.get('mode')}"
+              + ("; a fix is running" if daemon.get("fix_running") else "") + fix)
     for note in _notes(paths, env, diagnoser):
         print(note)
     groups = {v: [(d, x) for d, x in judged if x.verdict == v] for v in ORDER}
