@@ -270,6 +270,7 @@ class DaemonProcess:
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self.stdout, stderr=self.log,
                                      start_new_session=True)
         self.snapshot_path = Path(env["KMODGUARD_RUNTIME_DIR"]) / "state.json"
+        self._terminated = False
 
     def snapshot(self) -> dict | None:
         try:
@@ -310,9 +311,15 @@ class DaemonProcess:
                 pass
         return out
 
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM, once: a second one could land while asyncio tears its loop down (its handlers
+        gone) and kill the daemon mid-exit, as no service manager would."""
+        if not self._terminated and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+            self._terminated = True
+
+    def stop(self, timeout: float = 30) -> int:
+        self.terminate()
         try:
             rc = self.proc.wait(timeout)
         finally:

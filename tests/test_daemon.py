@@ -182,7 +182,7 @@ def test_notify_ready_after_coldplug_status_watchdog_and_stopping(indexed, tmp_p
     time.sleep(1.0)
     pings = [m for m in notify.drain() if m.get("WATCHDOG") == "1"]
     assert 5 <= len(pings) <= 15  # every 0.1 s: half of WatchdogSec, and no more
-    d.proc.send_signal(signal.SIGTERM)
+    d.terminate()
     notify.wait_for("STOPPING", "1")
     assert d.stop() == 0
     assert not d.snapshot_path.exists()  # a stopped daemon leaves no snapshot behind: status says "daemon": null

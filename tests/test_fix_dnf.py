@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -242,19 +243,34 @@ def end_state(kmg, root: Path) -> dict:
             "verdicts": sorted((d["id"], d["verdict"]) for d in status["devices"])}
 
 
-def run_and_kill_at(kmg, marker: str) -> None:
-    """Start `kmodguard fix`, SIGKILL it as soon as it reports `marker` on stderr."""
+def run_and_kill_at(kmg, marker: str, root: Path) -> None:
+    """Start `kmodguard fix`, SIGKILL it (umockdev-run and kmodguard: its whole session) as soon
+    as it reports `marker` on stderr. A dnf it started runs on in a session of its own, as under
+    systemd; the next run begins once that one has let go of rpm's lock."""
     cmd = ["umockdev-run", "--device", str(kmg.umockdev), "--", sys.executable, "-m", "kmodguard",
            "fix", "--yes", "--kver", KVER]
-    proc = subprocess.Popen(cmd, env=kmg.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=kmg.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            start_new_session=True)
     seen = []
     for line in proc.stderr:
         seen.append(line.decode(errors="replace"))
         if marker in seen[-1]:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait()
+    proc.stderr.close()
     assert any(marker in s for s in seen), seen
+    lock = root / "root/.rpmdb/.rpm.lock" if (root / "root/.rpmdb").is_dir() else root / "var/lib/rpm/.rpm.lock"
+    deadline = time.monotonic() + 120
+    with open(lock, "rb+") as f:
+        while True:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(f, fcntl.LOCK_UN)
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "the interrupted dnf never let go of rpm's lock"
+                time.sleep(0.1)
 
 
 _reference = {}
@@ -285,8 +301,7 @@ def test_killed_at_any_step_a_new_run_converges(machine, marker, kmodguard, base
 
     expected = uninterrupted(fresh)
     kmg, root = machine
-    run_and_kill_at(kmg, marker)
-    time.sleep(0.5)  # a dnf started before the kill runs on in its own session, as under systemd
+    run_and_kill_at(kmg, marker, root)
     res = kmg("fix", "--yes", "--json", "--kver", KVER, "0000:00:05.0", "0000:00:06.0", "0000:00:07.0",
               "/sys/devices/pci0000:00/0000:00:08.0/virtio3")
     assert res.returncode == 6, res.stderr  # the same ending as an uninterrupted run here
