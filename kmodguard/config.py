@@ -38,7 +38,11 @@ class Ignore(NamedTuple):
     # CPU modaliases select optional feature modules; a CPU device is never bound to a driver.
     subsystems: tuple[str, ...] = ("cpu",)
     devices: tuple[str, ...] = ()  # device ids (PCI address) or syspaths
-    modules: tuple[str, ...] = ()  # modules never to install or load
+    # Modules never to install or load. By default the two drivers every q35 virtual machine
+    # would otherwise "miss" (Fedora puts both outside kernel-modules-core): the PC speaker and
+    # the ICH9 LPC bridge's chipset helper (watchdog, GPIO). Neither serves a guest's workload,
+    # and offering, or in auto mode installing, kernel-modules for them on every boot is noise.
+    modules: tuple[str, ...] = ("pcspkr", "lpc_ich")
 
 
 class Config(NamedTuple):

@@ -250,6 +250,17 @@ class BusClient:
         self.thread.join(5)
 
 
+# umockdev hands uevents to a listener over a unix datagram socket, whose queue holds only
+# net.unix.max_dgram_qlen (10) messages; when it is full umockdev's sender aborts. A real
+# netlink socket buffers a whole burst (the daemon asks for 128 MiB). So the daemon runs in a
+# network namespace of its own (it needs no network: the bus, the notify and umockdev sockets
+# are paths) where that limit is raised, leaving this machine's setting alone.
+DEEP_UEVENT_QUEUE = ["unshare", "--net", "--", sys.executable, "-c",
+                     "import os, sys\n"
+                     "open('/proc/sys/net/unix/max_dgram_qlen', 'w').write('4096')\n"
+                     "os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
 class DaemonProcess:
     """`kmodguard daemon --json` under umockdev's preload; its stderr (JSON log lines) to a file."""
 
@@ -262,7 +273,8 @@ class DaemonProcess:
             self.env["NOTIFY_SOCKET"] = notify.path
         if bus:
             self.env["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
-        self.args = [*(wrap or []), "umockdev-wrapper", sys.executable, "-m", "kmodguard", "daemon", "--json", *args]
+        self.args = [*(wrap or []), *DEEP_UEVENT_QUEUE, "umockdev-wrapper", sys.executable, "-m", "kmodguard",
+                     "daemon", "--json", *args]
         if bus is None:
             self.args.append("--no-bus")
         self.log = open(self.log_path, "wb")

@@ -21,6 +21,7 @@ import time
 import pytest
 
 import realtree
+from kmodguard.config import Ignore
 from realtree import CORE, EXTRA, MODULES
 
 pytestmark = pytest.mark.realtree
@@ -60,6 +61,9 @@ def sample_size(population: int) -> int:
     return min(population, int(wanted) if wanted else DEFAULT_SAMPLE)
 
 
+POLICY_IGNORED = set(Ignore().modules)  # the default policy's ignore.modules: never offered
+
+
 def test_every_sampled_alias_agrees_with_modprobe(real_world, capsys):
     world = real_world
     population, counts = realtree.modalias_population(world, (CORE, MODULES))
@@ -90,7 +94,8 @@ def test_every_sampled_alias_agrees_with_modprobe(real_world, capsys):
         else:
             answer = packaged[m]
             want = {(mod, world.package_of[mod]) for mod in answer
-                    if not (world.package_of[mod] == EXTRA and mod in world.extra_blacklist)}
+                    if not (world.package_of[mod] == EXTRA and mod in world.extra_blacklist)
+                    and mod not in POLICY_IGNORED}
             expected_verdict = "missing" if want else "ignored" if answer else "unknown"
         if result["verdict"] != expected_verdict:
             problems.append(f"verdict {result['verdict']} != {expected_verdict}")
@@ -163,3 +168,14 @@ def test_host_bridge_has_no_driver_anywhere(real_world):
     assert r["verdict"] == "unknown", r
     assert real_world.modprobe(real_world.installed_root, alias) == []
     assert real_world.modprobe(real_world.oracle_root, alias) == []
+
+
+def test_q35_chipset_helpers_are_ignored_by_default(real_world):
+    """Every q35 VM has an ICH9 LPC bridge (lpc_ich, in kernel-modules) and a PC speaker (pcspkr,
+    in kernel-modules-extra): the default policy leaves them alone instead of offering a package."""
+    lpc = one(real_world, "pci:v00008086d00002918sv00001AF4sd00001100bc06sc01i00")  # ICH9 LPC (QEMU q35)
+    assert lpc["verdict"] == "ignored" and "lpc_ich (excluded by policy (ignore.modules))" in lpc["reason"], lpc
+    assert real_world.modprobe(real_world.oracle_root, "pci:v00008086d00002918sv00001AF4sd00001100bc06sc01i00") \
+        == ["lpc_ich"]  # it is there to be had: the policy, not the index, decides
+    spk = one(real_world, "platform:pcspkr")
+    assert spk["verdict"] == "ignored", spk

@@ -27,9 +27,9 @@ for line in sys.stdin:
     if op == "add":
         ok = testbed.add_from_string(cmd["records"])
     elif op == "uevent":
-        # umockdev delivers to each listener over a unix datagram socket, whose queue holds only
-        # net.unix.max_dgram_qlen (10) messages, and aborts when it is full: pace a burst a little
-        # (a real netlink socket buffers a whole burst; the daemon asks for 128 MiB).
+        # umockdev delivers to each listener over a unix datagram socket and aborts when its queue
+        # is full: the daemon of the tests runs where that queue is deep (daemon_world.py); a
+        # short pause still spreads a burst as a kernel creating VFs would.
         for i, syspath in enumerate(cmd["syspaths"]):
             if i:
                 time.sleep(cmd.get("pace", 0.002))
