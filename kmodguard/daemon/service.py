@@ -111,6 +111,7 @@ class Daemon:
         self._fix_task: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self._noted: set[str] = set()  # unindexed devices already told about
+        self._seen: dict[str, str] = {}  # device id -> its last verdict
         self._status_sent: str | None = None
         self.runner = None
         self.watch: UdevWatch | None = None
@@ -254,6 +255,7 @@ class Daemon:
             devices = enumerate_devices(context)
             present = {d.id for d in devices}
             gone = [i for i in self.held if i not in present]
+            self._seen = {i: v for i, v in self._seen.items() if i in present}
         else:
             devices, gone = [], []
             for syspath in burst:
@@ -267,6 +269,7 @@ class Daemon:
         self.decisions += 1
         now = time.time()
         for device_id in gone:
+            self._seen.pop(device_id, None)
             if self.held.pop(device_id, None) is not None:
                 self._resolved(device_id, "removed")
         for device, verdict in judged:
@@ -284,7 +287,12 @@ class Daemon:
                     self._noted.add(device.id)
                     log.warning("%s: %s", device.id, verdict.reason, extra=systemd.fields(
                         "unindexed", device=device.syspath, modalias=device.modalias))
-            if burst is not None or verdict.verdict != "bound":
+            # the event log keeps what a reader wants: every device of a burst, and from a full
+            # rescan only news (not the same dozens of bound or ignored CPUs after every fix)
+            previous = self._seen.get(device.id)
+            self._seen[device.id] = verdict.verdict
+            if burst is not None or (previous != verdict.verdict
+                                     and (previous is not None or verdict.verdict in NEEDS_ACTION)):
                 self.events.append({"t": now, "kind": "verdict", "device": device.id, "modalias": device.modalias,
                                     "verdict": verdict.verdict, "reason": verdict.reason,
                                     "uevent_t": burst.get(device.syspath) if burst else None,
