@@ -323,3 +323,38 @@ def test_ansible_facts_script_prints_one_document_and_exits_0(machine):
     Path(broken["KMODGUARD_CONFIG_DIR"], "kmodguard.toml").write_text("mode = 1\n")
     res = subprocess.run([str(REPO / "units/kmodguard.fact")], env=broken, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and json.loads(res.stdout)["error"]["name"] == "InvalidInput"
+
+
+# --- kmodguard check --apply-policy (what kmodguard-check.service runs after cloud-init) ------------
+
+EXTRA_DEVICE = pci("0000:00:07.0", synthetic.ALIAS["extra_xz"], None)  # its driver is in kernel-modules-extra
+
+
+def test_check_in_offer_mode_announces_and_installs_nothing(machine, tmp_path):
+    kmg, root = machine
+    kmg = kmg.with_devices(BOUND + EXTRA_DEVICE, tmp_path)
+    before = installed(root)
+    res = kmg("check", "--apply-policy", check_code=3)
+    assert "1 device(s) need a driver" in res.stdout and "done: offer: 1 device(s) announced" in res.stdout
+    motd = (tmp_path / "motd.d" / "kmodguard").read_text()
+    assert "0000:00:07.0: kmg_extra_xz in kernel-modules-extra 6.1.0-56.fc42 (not installed)" in motd
+    assert installed(root) == before
+    assert "kmodguard check: every device" in kmg.with_devices(BOUND, tmp_path)("check", check_code=0).stdout
+
+
+def test_check_in_auto_mode_fixes_the_devices_on_auto_buses(machine, tmp_path):
+    kmg, root = machine
+    etc = Path(_config(kmg, 'mode = "auto"\nbackend = "dnf"\n[timeouts]\nsettle = 0.2\nlock_wait = 5\n'))
+    kmg = dataclasses.replace(kmg, env={**kmg.env, "KMODGUARD_CONFIG_DIR": str(etc)}).with_devices(
+        BOUND + EXTRA_DEVICE, tmp_path)
+    before = len(history(root))
+    doc = kmg("check", "--apply-policy", "--json", timeout=300).json
+    assert doc["applied"]["action"] == "fix" and doc["applied"]["exit_code"] == 6  # installed; cannot load here
+    assert "kernel-modules-extra-6.1.0-56.fc42" in installed(root) and len(history(root)) == before + 1
+    record = json.loads((Path(kmg.env["KMODGUARD_STATE_DIR"]) / "last-fix.json").read_text())
+    assert record["devices"] == ["0000:00:07.0"]
+    # a USB device is not on auto_buses: announced, never installed for
+    usb = ("P: /devices/pci0000:00/0000:00:14.0/usb1/1-1\nE: SUBSYSTEM=usb\nE: MODALIAS=" + GPU + "\nA: modalias="
+           + GPU + "\n\n")
+    doc = kmg.with_devices(BOUND + usb, tmp_path)("check", "--apply-policy", "--json", check_code=3).json
+    assert doc["applied"]["action"] == "offer" and "none that mode auto may fix" in doc["applied"]["detail"]
