@@ -520,11 +520,13 @@ class Daemon:
         return [h.device for h in self.held.values()]
 
     def needing_ids(self, refs: list[str]) -> list[str]:
-        """The devices a Fix call acts on: those named (checked to exist), else every device held
-        as needing a driver whose plan can act on it."""
+        """The devices a Fix call acts on, as `kmodguard fix` chooses them: those named (checked to
+        exist), else every device held as needing a driver whose plan can act on it and that is
+        not backing off after a failure."""
         if refs:
             return [d.id for d in self.current_engine().select(refs)]
-        return [i for i, h in self.held.items() if h.action in ("install", "load")]
+        backoff = state.Backoff(self.paths.state_dir)
+        return [i for i, h in self.held.items() if h.action in ("install", "load") and not backoff.waiting(i)]
 
 
 def _wait_for_lock(state_dir: Path) -> None:
