@@ -334,6 +334,9 @@ class DaemonProcess:
         self.terminate()
         try:
             rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # a hung daemon fails its test, and is not left behind
+            self.kill_group()
+            raise
         finally:
             self.log.close()
             if self.stdout is not subprocess.DEVNULL:
@@ -347,7 +350,8 @@ class DaemonProcess:
         except ProcessLookupError:
             pass
         self.proc.wait()
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
 
 
 def pci_record(addr: str, modalias: str, *, parent: str = "/devices/pci0000:00", driver: str | None = None,

@@ -271,7 +271,7 @@ class Daemon:
         for device_id in gone:
             self._seen.pop(device_id, None)
             if self.held.pop(device_id, None) is not None:
-                self._resolved(device_id, "removed")
+                self._resolved(device_id, "removed", now)
         for device, verdict in judged:
             before = self.held.get(device.id)
             if verdict.verdict in NEEDS_ACTION:
@@ -282,7 +282,7 @@ class Daemon:
             else:
                 if before is not None:
                     self.held.pop(device.id)
-                    self._resolved(device.id, verdict.verdict)
+                    self._resolved(device.id, verdict.verdict, now)
                 if verdict.verdict == "unindexed" and device.id not in self._noted and self.policy.mode != "off":
                     self._noted.add(device.id)
                     log.warning("%s: %s", device.id, verdict.reason, extra=systemd.fields(
@@ -319,10 +319,10 @@ class Daemon:
                                          module=held.module, kmodguard_verdict=held.verdict.verdict))
         self.publisher.needs_driver(held)
 
-    def _resolved(self, device_id: str, verdict: str) -> None:
+    def _resolved(self, device_id: str, verdict: str, t: float) -> None:
         log.info("%s no longer needs a driver: %s", device_id, verdict,
                  extra=systemd.fields("resolved", device=device_id, kmodguard_verdict=verdict))
-        self.events.append({"t": time.time(), "kind": "resolved", "device": device_id, "verdict": verdict})
+        self.events.append({"t": t, "kind": "resolved", "device": device_id, "verdict": verdict})
         self.publisher.resolved(device_id, verdict)
 
     # --- fixing ----------------------------------------------------------------------------------
