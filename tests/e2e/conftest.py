@@ -1,6 +1,7 @@
 """Fixtures of the end-to-end tests: the scenarios run two at a time (two guests with -smp 1 on two
-cores), the selected ones only, and each test waits for its own; results directories are removed
-when the test passed and named in the failure otherwise."""
+cores), the selected ones only, and each test waits for its own (several tests may read one
+scenario's run). A run's results directory is removed at the end when every test that read it
+passed, and named in the failures otherwise."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import harness
 
 WORKERS = 2
 _TIMINGS: dict[str, float] = {}
+_DOCS: dict[str, dict] = {}  # scenario -> its run's document (harness.Run.doc)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -31,6 +33,21 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("e2e scenario wall times (two guests side by side)")
         for name, seconds in _TIMINGS.items():
             terminalreporter.write_line(f"{name:14s} {seconds:7.1f} s")
+    if _DOCS:
+        terminalreporter.section("e2e timings the daemon showed (s from udev's event reaching it; device_add: host clock)")
+        terminalreporter.write_line(f"{'scenario':12s} {'device':12s} {'verdict':9s} {'->verdict':>9s} {'->installed':>11s} "
+                                    f"{'->bound':>8s} {'device_add->verdict':>20s}")
+
+        def s(t, key):
+            return f"{t[key]:.2f}" if t.get(key) is not None else "-"
+
+        for name, doc in _DOCS.items():
+            for d in doc["devices"]:
+                t = d["timings"]
+                terminalreporter.write_line(
+                    f"{name:12s} {d['device']:12s} {d['verdict'] or '-':9s} {s(t, 'event_to_verdict_s'):>9s} "
+                    f"{s(t, 'event_to_installed_s'):>11s} {s(t, 'event_to_bound_s'):>8s} "
+                    f"{s(t, 'device_add_to_verdict_s'):>20s}")
 
 
 class Scenarios:
@@ -43,13 +60,16 @@ class Scenarios:
         self.build = harness.ensure_build()  # once, before the guests (a cold cache builds here)
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="e2e")
         self.futures: dict[str, Future] = {}
+        self.failed: set[str] = set()  # scenarios a test failed on: their results are kept
         for name in sorted(selected, key=lambda n: -table[n].timeout_hint):
             self.futures[name] = self.pool.submit(self._run, name)
 
     def _run(self, name: str) -> harness.Run:
         t = time.monotonic()
         try:
-            return harness.run_scenario(self.table[name].scenario, keep=True)
+            run = harness.run_scenario(self.table[name].scenario, keep=True)
+            _DOCS[name] = run.doc
+            return run
         finally:
             _TIMINGS[name] = time.monotonic() - t
 
@@ -63,6 +83,12 @@ class Scenarios:
             f.cancel()
         self.pool.shutdown(wait=True)
         _TIMINGS["(module)"] = time.monotonic() - self.started
+        for name, f in self.futures.items():
+            if name in self.failed or f.cancelled() or f.exception() is not None:
+                continue  # a failed run's HarnessError named its directory
+            run = f.result()
+            if run.results_dir:
+                shutil.rmtree(run.results_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +103,14 @@ def scenarios(request):
 
 @pytest.fixture
 def scenario(request, scenarios):
-    """scenario(name) -> harness.Run; its results directory is removed if the test passes."""
-    runs: list[harness.Run] = []
+    """scenario(name) -> harness.Run; its results directory stays if this test does not pass."""
+    used: list[str] = []
 
     def get(name: str) -> harness.Run:
-        run = scenarios.get(name)
-        runs.append(run)
-        return run
+        used.append(name)
+        return scenarios.get(name)
 
     yield get
     rep = getattr(request.node, "rep_call", None)
-    for run in runs:
-        if run.results_dir and rep is not None and rep.passed:
-            shutil.rmtree(run.results_dir, ignore_errors=True)
+    if rep is None or not rep.passed:
+        scenarios.failed.update(used)
