@@ -11,9 +11,10 @@ import os
 import re
 from typing import NamedTuple
 
-import pyudev
-
 from .errors import InvalidInput
+
+# pyudev is imported where a device is read, not here: commands that judge modalias strings or
+# build an index (an image builder's chroot) need no udev at all.
 
 # Drivers whose only job is to hold a device for a guest or keep it quiet.
 INTENTIONAL_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pciback", "xen-pciback", "vfio-platform", "uio_pci_generic"})
@@ -23,6 +24,8 @@ INTENTIONAL_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pciback", "xen-pciback
 def udev_context() -> pyudev.Context:
     """One libudev context per process: making one loads libudev through ctypes.util.find_library,
     which runs `ldconfig -p` (milliseconds, per call). Use it from one thread."""
+    import pyudev
+
     return pyudev.Context()
 
 
@@ -124,6 +127,8 @@ def _autoprobe(device: pyudev.Device) -> bool | None:
 
 
 def _pci_facts(device: pyudev.Device) -> PciFacts:
+    import pyudev
+
     syspath = device.sys_path
     physfn = _link(syspath, "physfn")
     autoprobe = _autoprobe(device)
@@ -218,6 +223,8 @@ def check_ref(ref: str) -> str:
 
 def find_device(ref: str, context: pyudev.Context | None = None) -> Device | None:
     """A device by its id (PCI address) or syspath (with or without the /sys prefix)."""
+    import pyudev
+
     check_ref(ref)
     context = context or udev_context()
     candidates = []
