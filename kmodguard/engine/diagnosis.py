@@ -140,6 +140,7 @@ class Diagnoser:
         self._memo: dict[str, Verdict] = {}
         self._fw_memo: dict[tuple[str, str], tuple[str, ...]] = {}
         self._fw_present: frozenset[str] | None = None
+        self._loaded: frozenset[str] | None = None
 
     def new_round(self) -> None:
         """Forget memoised verdicts and firmware: a module may have loaded, firmware may have
@@ -147,6 +148,16 @@ class Diagnoser:
         self._memo.clear()
         self._fw_memo.clear()
         self._fw_present = None
+        self._loaded = None
+
+    def _loaded_modules(self) -> frozenset[str]:
+        """The modules the kernel has loaded (SYSFS/module), read once a round, not once a device."""
+        if self._loaded is None:
+            try:
+                self._loaded = frozenset(os.listdir(self.paths.sysfs / "module"))
+            except OSError:
+                self._loaded = frozenset()
+        return self._loaded
 
     @property
     def no_module_support(self) -> bool:
@@ -226,8 +237,7 @@ class Diagnoser:
         usable = [(n, p) for n, p in installed if n not in blocked]
         builtin = any(p is None for _, p in usable)
         vendor = any(p and any(v in p for v in VENDOR_DIRS) for _, p in usable)
-        sys_module = f"{self.paths.sysfs}/module/"
-        loaded = [n for n, _ in usable if os.path.exists(sys_module + n)]
+        loaded = [n for n, _ in usable if n in self._loaded_modules()]
         first = usable[0][0]
         if builtin:
             reason = f"built-in driver {first} matches but did not bind it: see 'dmesg' for why"
