@@ -423,6 +423,7 @@ def test_auto_mode_fixes_a_burst_in_one_transaction_and_does_not_retry_in_a_stor
     request, code, record = body[0], body[1], json.loads(body[2])
     assert code == 6, (record, daemon.log_text())  # installed; this kernel cannot load modules: still unbound
     assert record["requested_by"] == "auto" and sorted(record["devices"]) == sorted(devices)
+    assert record["id"] == request  # the signal names the fix it reports
     assert {p["package"] for p in record["report"]["install"]} == {"kernel-modules", "kernel-modules-extra"}
     assert len(history(image)) == before + 1  # ONE transaction for the burst
     assert any(p.startswith("kernel-modules-6.1.0") for p in installed(image))

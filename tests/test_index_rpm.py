@@ -103,7 +103,7 @@ def test_index_show_records_the_package(kmg, repo):
     assert mods["modules"] == len(synthetic.KERNEL_MODULES)
     assert extra["modules"] == len(synthetic.KERNEL_MODULES_EXTRA)  # .ko, .ko.xz and .ko.zst
     assert mods["source"] == {"from-rpm": str(rpms[KVER]["kernel-modules"].resolve()),
-                              "nevra": f"kernel-modules-6.1.0-56.fc42.x86_64"}
+                              "nevra": "kernel-modules-6.1.0-56.fc42.x86_64"}
     # Fedora's kernel-modules %posttrans runs dracut when kernel-core is not in the transaction; -extra's does not
     assert mods["rebuilds_initramfs"] is True
     assert extra["rebuilds_initramfs"] is False

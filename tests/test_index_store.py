@@ -120,7 +120,7 @@ def test_build_refuses_bad_requests_clearly(kmodguard, world, tmp_path, args, co
     res = kmodguard("index", "build", "--json", "--kver", world.kver, *args)
     assert res.returncode == code, res.stderr
     assert message in res.json["error"]["message"] + res.json["error"].get("hint", "")
-    assert not list(Path(kmodguard.env["KMODGUARD_INDEX_DIR"]).glob(f"*/p"))
+    assert not list(Path(kmodguard.env["KMODGUARD_INDEX_DIR"]).glob("*/p"))
 
 
 def test_a_killed_build_never_leaves_a_broken_index(indexed, world):
