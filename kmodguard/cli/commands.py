@@ -615,8 +615,7 @@ def _print_kernel_change(doc) -> None:
     print(table(rows))
     if doc["install"]:
         print("next: install before rebooting into it: "
-              + install_command(None, [i["request"] for i in doc["install"]]).replace(
-                  "install ", "", 1).replace(" with this system's package manager", ""))
+              + " ".join(shlex.quote(i["request"]) for i in doc["install"]))
 
 
 def _check_removal(args, paths, devices) -> int:
