@@ -4,7 +4,8 @@
 
 Every figure is set against a baseline measured in the same run on the same machine (machines
 are noisy; only ratios travel). The real-tree benchmarks share one world: Debian's
-linux-image-6.1.0-56-amd64 (tests/realtree.py: cached, or downloaded once) split the Fedora way.
+kernel package linux-image-amd64 depends on today (tests/realtree.py: cached, or downloaded
+once) split the Fedora way.
 See bench/README.md for what each figure means.
 """
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
                 return 1
             _common.progress(f"building the split world of {tree.package} (symlinks, depmod, index build)")
             world = realtree.build_world(tree, Path(tmp) / "world")
-            results["tree"] = {"package": tree.package, "kver": tree.kver, "exact": tree.exact,
+            results["tree"] = {"package": tree.package, "kver": tree.kver, "version": tree.version,
                                "world_build_s": world.timings}
         for name in chosen:
             t = time.perf_counter()

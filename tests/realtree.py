@@ -1,16 +1,18 @@
-"""Debian's real kernel package, cached between runs, and a Fedora-style split world built from it.
+"""Debian's real kernel packages, chosen at run time from what the archive serves, cached between
+runs, and a Fedora-style split world built from them.
 
-Used by tests/test_realtree.py and by bench/run.py. Two layers:
+Used by tests/test_realtree.py, tests/e2e and bench/run.py. Two layers:
 
-* `ensure_tree()` gives the extracted package linux-image-6.1.0-56-amd64 (the build that
-  data/fedora-split/ was made for), cached in ${KMODGUARD_TEST_CACHE:-/var/cache/kmodguard-tests}.
-  A missing tree is extracted from a cached .deb, or downloaded with `apt-get download` and
-  extracted with `dpkg -x`. Downloads and extractions go to temporary names first and are
-  renamed into place when complete, so a killed run never leaves a half tree behind. When that
-  exact package has left the archive, the newest linux-image-6.1.0-*-amd64 (the one
-  `apt-cache depends linux-image-amd64` names) is used instead and modules are mapped to
-  packages by path (a module the table does not know goes to kernel-modules). When nothing can
-  be had, RealTreeUnavailable says why: tests fail on it, they never skip.
+* `ensure_tree()` gives the extracted package of the kernel `linux-image-amd64` depends on today
+  (the "current" kernel); `ensure_kernels()` gives that one and the newest older ABI the archive
+  still serves (the "older" kernel: the e2e guest boots it, then upgrades to the current one).
+  Nothing is pinned: Debian replaces its kernel ABI every few weeks. Each is cached by its exact
+  package version in ${KMODGUARD_TEST_CACHE:-/var/cache/kmodguard-tests}: a missing tree is
+  extracted from a cached .deb, or downloaded with `apt-get download` and extracted with
+  `dpkg -x`. Downloads and extractions go to temporary names first and are renamed into place when
+  complete, so a killed run never leaves a half tree behind. When apt cannot say what it serves
+  (no package lists: an offline machine), the newest cached trees are used. When nothing can be
+  had, RealTreeUnavailable says why and which command to run: tests fail on it, they never skip.
 
 * `build_world(tree, base)` makes, under `base`, symlinks to the cached modules (no copies):
     installed/   kernel-modules-core as an installed tree (depmod'ed, with the package's real
@@ -20,6 +22,10 @@ Used by tests/test_realtree.py and by bench/run.py. Two layers:
                  mod-blacklist.sh writes (floppy, and every module with a `net-` alias)
     oracle/      kernel-modules + kernel-modules-extra, depmod'ed: what modprobe answers from
     index/       both payloads indexed by `kmodguard index build --from-dir` (the real CLI)
+
+The split (`assign`) is Fedora's, applied by path: tests/data/fedora-split was made from one
+build (6.1.0-56); any other 6.1 build maps each module by its path under /lib/modules/KVER, and a
+path the table does not know goes to kernel-modules, as Fedora's rules put unlisted drivers.
 """
 
 from __future__ import annotations
@@ -40,11 +46,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 SPLIT_TABLE = DATA / "fedora-split" / "split-debian-6.1.0-56-amd64.tsv"
+TABLE_KVER = "6.1.0-56-amd64"  # the build the split table was made from
 
-PACKAGE = "linux-image-6.1.0-56-amd64"  # the build the split table was made for
-KVER = "6.1.0-56-amd64"
-FALLBACK_KVER = re.compile(r"6\.1\.0-\d+-amd64")
-META_PACKAGE = "linux-image-amd64"
+META_PACKAGE = "linux-image-amd64"  # Debian's metapackage: depends on the current kernel ABI
+# the generic amd64 flavour only: -cloud-amd64 lacks 9p and many test devices' drivers, -rt is not it
+KERNEL_PACKAGE = re.compile(r"linux-image-((\d+\.\d+\.\d+)-(\d+)-amd64)")
+NO_KERNEL_HINT = ("run 'apt-get update' (Debian 12's archive, bookworm and bookworm-security, must be in the "
+                  "apt sources and reachable), or point KMODGUARD_TEST_CACHE at a cache that holds the trees")
 
 CORE, MODULES, EXTRA, INTERNAL = ("kernel-modules-core", "kernel-modules", "kernel-modules-extra",
                                   "kernel-modules-internal")
@@ -79,7 +87,75 @@ def _tool(name: str) -> str:
     return found
 
 
-# --- the cached package ------------------------------------------------------------------
+# --- which kernels the archive serves ------------------------------------------------------
+
+@dataclass(frozen=True, order=True)
+class KernelPackage:
+    """One of Debian's kernel packages: linux-image-KVER at its exact package version."""
+
+    abi: int  # 57 of 6.1.0-57-amd64 (first: packages sort by it)
+    kver: str  # 6.1.0-57-amd64, the kernel release (uname -r)
+    version: str  # 6.1.192-3, the Debian package version
+
+    @property
+    def name(self) -> str:
+        return f"linux-image-{self.kver}"
+
+    @property
+    def series(self) -> str:
+        return KERNEL_PACKAGE.fullmatch(self.name).group(2)
+
+
+def _apt_cache(*args: str) -> str:
+    apt_cache = shutil.which("apt-cache")
+    if not apt_cache:
+        raise RealTreeUnavailable("apt-cache is not installed: cannot ask which kernel packages the archive serves")
+    proc = _run([apt_cache, *args], timeout=300)
+    if proc.returncode != 0:
+        raise RealTreeUnavailable(f"apt-cache {' '.join(args)} failed (exit {proc.returncode}): "
+                                  f"{(proc.stderr or proc.stdout).strip()[-400:]}")
+    return proc.stdout
+
+
+def _candidates(names: list[str]) -> dict[str, str]:
+    """{package: its candidate version} of those apt would install now (pins respected)."""
+    out, name = {}, None
+    for line in _apt_cache("policy", *names).splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            name = line[:-1]
+        elif line.strip().startswith("Candidate:") and name:
+            version = line.split(":", 1)[1].strip()
+            if version and version != "(none)":
+                out[name] = version
+    return out
+
+
+def served_kernels() -> tuple[KernelPackage, KernelPackage | None]:
+    """(current, older): the kernel linux-image-amd64 depends on now, and the newest older ABI of
+    the same series the archive still serves (None when it serves only one)."""
+    depends = re.findall(r"Depends:\s*(linux-image-\S+)", _apt_cache("depends", META_PACKAGE))
+    current_name = next((n for n in depends if KERNEL_PACKAGE.fullmatch(n)), None)
+    if current_name is None:
+        raise RealTreeUnavailable(f"'apt-cache depends {META_PACKAGE}' names no linux-image-*-amd64 package; "
+                                  f"{NO_KERNEL_HINT}")
+    names = sorted({n for n in _apt_cache("pkgnames", "linux-image-").split() if KERNEL_PACKAGE.fullmatch(n)}
+                   | {current_name})
+    served = _candidates(names)
+    if current_name not in served:
+        raise RealTreeUnavailable(f"{current_name} (what {META_PACKAGE} depends on) has no candidate version in "
+                                  f"apt's lists; {NO_KERNEL_HINT}")
+
+    def package(name: str) -> KernelPackage:
+        m = KERNEL_PACKAGE.fullmatch(name)
+        return KernelPackage(int(m.group(3)), m.group(1), served[name])
+
+    current = package(current_name)
+    older = sorted((package(n) for n in served if n != current_name and KERNEL_PACKAGE.fullmatch(n)
+                    and package(n).series == current.series and package(n).abi < current.abi), reverse=True)
+    return current, (older[0] if older else None)
+
+
+# --- the cached packages -------------------------------------------------------------------
 
 def cache_dir() -> Path:
     return Path(os.environ.get("KMODGUARD_TEST_CACHE") or "/var/cache/kmodguard-tests").absolute()
@@ -89,12 +165,17 @@ def cache_dir() -> Path:
 class Tree:
     root: Path  # the extracted package
     kver: str
-    package: str
-    exact: bool  # the build the split table was made for (else: mapped by path)
+    package: str  # linux-image-KVER
+    version: str  # the Debian package version
 
     @property
     def mdir(self) -> Path:
         return modules_dir(self.root, self.kver)
+
+    @property
+    def is_table_build(self) -> bool:
+        """The build tests/data/fedora-split was made from (its split is then exact)."""
+        return self.kver == TABLE_KVER
 
 
 def modules_dir(root: Path, kver: str) -> Path:
@@ -104,9 +185,8 @@ def modules_dir(root: Path, kver: str) -> Path:
     return root / "lib/modules" / kver
 
 
-def _tree_dir(cache: Path, kver: str) -> Path:
-    # "tree" holds the exact build (the name older caches already use); fallbacks get their own
-    return cache / ("tree" if kver == KVER else f"tree-{kver}")
+def _tree_dir(cache: Path, kernel: KernelPackage) -> Path:
+    return cache / f"tree-{kernel.kver}_{kernel.version}"
 
 
 def _complete(root: Path, kver: str) -> bool:
@@ -114,9 +194,15 @@ def _complete(root: Path, kver: str) -> bool:
     return (modules_dir(root, kver) / "modules.order").is_file()
 
 
-def _tree(cache: Path, kver: str) -> Tree | None:
-    root = _tree_dir(cache, kver)
-    return Tree(root, kver, f"linux-image-{kver}", kver == KVER) if _complete(root, kver) else None
+def _cached_trees(cache: Path) -> list[Tree]:
+    """Complete trees in the cache, newest ABI first."""
+    found = []
+    for root in cache.glob("tree-*_*"):
+        kver, _, version = root.name.removeprefix("tree-").partition("_")
+        m = KERNEL_PACKAGE.fullmatch(f"linux-image-{kver}")
+        if m and _complete(root, kver):
+            found.append((int(m.group(3)), Tree(root, kver, f"linux-image-{kver}", version)))
+    return [t for _, t in sorted(found, key=lambda x: x[0], reverse=True)]
 
 
 @contextlib.contextmanager
@@ -127,7 +213,7 @@ def _locked(cache: Path):
     except OSError as exc:
         raise RealTreeUnavailable(
             f"cannot use the test cache {cache}: {exc.strerror}; set KMODGUARD_TEST_CACHE to a writable "
-            f"directory (it needs about 500 MB)") from None
+            f"directory (it needs about 2 GB)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # one session downloads; the others wait, then reuse
         yield
@@ -137,14 +223,8 @@ def _locked(cache: Path):
 
 def _clean_stale(cache: Path) -> None:
     """Leftovers of a killed run (only ever touched under the lock)."""
-    for p in cache.glob(".dl-*"):
+    for p in (*cache.glob(".dl-*"), *cache.glob(".tree-*")):
         shutil.rmtree(p, ignore_errors=True)
-    for p in cache.glob(".tree-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _cached_debs(cache: Path, package: str) -> list[Path]:
-    return sorted(cache.glob(f"{package}_*_amd64.deb"), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def _run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -152,108 +232,114 @@ def _run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800) -> subp
                           env={**os.environ, "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive"})
 
 
-def _download(cache: Path, package: str) -> Path:
-    """apt-get download into a temporary directory, then rename the finished .deb into the cache."""
+def _deb(cache: Path, kernel: KernelPackage) -> Path:
+    """Debian's file name for the package: linux-image-KVER_VERSION_amd64.deb (':' of an epoch as %3a)."""
+    return cache / f"{kernel.name}_{kernel.version.replace(':', '%3a')}_amd64.deb"
+
+
+def _download(cache: Path, kernel: KernelPackage) -> Path:
+    """apt-get download of the exact version into a temporary directory, renamed into the cache."""
     apt_get = shutil.which("apt-get")
     if not apt_get:
         raise RealTreeUnavailable("apt-get is not installed: cannot download Debian's kernel package")
     tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=cache))
     try:
-        _log(f"downloading {package} into {cache} (about 70 MB, once)")
+        _log(f"downloading {kernel.name} {kernel.version} into {cache} (about 70 MB, once)")
         try:
-            proc = _run([apt_get, "download", package], cwd=tmp)
+            proc = _run([apt_get, "download", f"{kernel.name}={kernel.version}"], cwd=tmp)
         except subprocess.TimeoutExpired:
-            raise RealTreeUnavailable(f"apt-get download {package} took longer than 30 minutes") from None
+            raise RealTreeUnavailable(f"apt-get download {kernel.name} took longer than 30 minutes") from None
         debs = list(tmp.glob("*.deb"))
         if proc.returncode != 0 or len(debs) != 1:
-            raise RealTreeUnavailable(f"apt-get download {package} failed (exit {proc.returncode}): "
-                                      f"{(proc.stderr or proc.stdout).strip()[-600:]}")
-        final = cache / debs[0].name
+            raise RealTreeUnavailable(f"apt-get download {kernel.name}={kernel.version} failed (exit "
+                                      f"{proc.returncode}): {(proc.stderr or proc.stdout).strip()[-600:]}; "
+                                      f"{NO_KERNEL_HINT}")
+        final = _deb(cache, kernel)
         os.rename(debs[0], final)
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _extract(cache: Path, deb: Path, kver: str) -> Tree:
+def _extract(cache: Path, deb: Path, kernel: KernelPackage) -> Tree:
     """dpkg -x into a temporary directory, then rename it into place: never a half tree."""
     dpkg = _tool("dpkg")
     tmp = Path(tempfile.mkdtemp(prefix=".tree-", dir=cache))
     try:
         _log(f"extracting {deb.name}")
         proc = _run([dpkg, "-x", str(deb), str(tmp)])
-        if proc.returncode != 0 or not _complete(tmp, kver):
-            raise RealTreeUnavailable(f"dpkg -x {deb} failed or holds no modules for {kver}: "
+        if proc.returncode != 0 or not _complete(tmp, kernel.kver):
+            raise RealTreeUnavailable(f"dpkg -x {deb} failed or holds no modules for {kernel.kver}: "
                                       f"{proc.stderr.strip()[-600:]}")
         tmp.chmod(0o755)  # mkdtemp made it 0700; the tree is read by unprivileged test processes too
-        final = _tree_dir(cache, kver)
+        final = _tree_dir(cache, kernel)
         if final.exists():  # a broken leftover of someone else's making (ours are renamed whole)
             shutil.rmtree(final)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Tree(final, kver, f"linux-image-{kver}", kver == KVER)
+    return Tree(final, kernel.kver, kernel.name, kernel.version)
 
 
-def _obtain(cache: Path, package: str, kver: str) -> Tree:
-    """The tree of one package: cached, or from a cached .deb, or downloaded."""
-    tree = _tree(cache, kver)
-    if tree:
-        return tree
-    for deb in _cached_debs(cache, package):
+def _obtain(cache: Path, kernel: KernelPackage) -> Tree:
+    """The tree of one package version: cached, or from a cached .deb, or downloaded."""
+    root = _tree_dir(cache, kernel)
+    if _complete(root, kernel.kver):
+        return Tree(root, kernel.kver, kernel.name, kernel.version)
+    deb = _deb(cache, kernel)
+    if deb.is_file():
         try:
-            return _extract(cache, deb, kver)
+            return _extract(cache, deb, kernel)
         except RealTreeUnavailable as exc:
             _log(f"{exc}; removing {deb.name} and downloading it again")
             deb.unlink(missing_ok=True)
-    return _extract(cache, _download(cache, package), kver)
+    return _extract(cache, _download(cache, kernel), kernel)
 
 
-def _newest_fallback() -> str:
-    """The linux-image-6.1.0-NN-amd64 that linux-image-amd64 depends on now."""
-    apt_cache = shutil.which("apt-cache")
-    if not apt_cache:
-        raise RealTreeUnavailable("apt-cache is not installed: cannot find a replacement kernel package")
-    proc = _run([apt_cache, "depends", META_PACKAGE], timeout=120)
-    names = re.findall(r"Depends:\s*(linux-image-(\S+))", proc.stdout)
-    for name, kver in names:
-        if FALLBACK_KVER.fullmatch(kver):
-            return name
-    raise RealTreeUnavailable(f"'apt-cache depends {META_PACKAGE}' names no linux-image-6.1.0-*-amd64 "
-                              f"(exit {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-300:]}); "
-                              f"this needs Debian 12's (bookworm) archive in the apt sources")
+def _prune(cache: Path, keep: list[Tree]) -> None:
+    """Trees and .debs of kernels the archive no longer serves as current or older (under the lock)."""
+    wanted = {t.root.name for t in keep} | {f"{t.package}_{t.version.replace(':', '%3a')}_amd64.deb" for t in keep}
+    for p in (*cache.glob("tree-*"), *cache.glob("linux-image-*.deb"), cache / "tree"):
+        if p.name not in wanted and p.exists():
+            _log(f"removing {p.name}: no longer a kernel the tests use")
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def ensure_tree() -> Tree:
-    """The real kernel tree, from the cache or downloaded once. Raises RealTreeUnavailable."""
+_RESOLVED: list[Tree] | None = None  # (current, older) of this process: the archive is asked once
+
+
+def ensure_kernels() -> tuple[Tree, Tree]:
+    """(current, older) real kernel trees, from the cache or downloaded once. Raises
+    RealTreeUnavailable with the command to run when the archive serves no usable pair."""
+    global _RESOLVED
+    if _RESOLVED is not None:
+        return _RESOLVED[0], _RESOLVED[1]
     cache = cache_dir()
-    tree = _tree(cache, KVER)
-    if tree:  # the usual case: no lock, no network, and a read-only cache is fine
-        return tree
-    problems = []
     with _locked(cache):
         _clean_stale(cache)
         try:
-            return _obtain(cache, PACKAGE, KVER)
+            current, older = served_kernels()
         except RealTreeUnavailable as exc:
-            problems.append(str(exc))
-        _log(f"{PACKAGE} is not available ({problems[-1]}); trying the newest 6.1 kernel package")
-        try:
-            name = _newest_fallback()
-            return _obtain(cache, name, name.removeprefix("linux-image-"))
-        except RealTreeUnavailable as exc:
-            problems.append(str(exc))
-        for root in sorted(cache.glob("tree-6.1.0-*-amd64"), reverse=True):  # an earlier fallback
-            kver = root.name.removeprefix("tree-")
-            if FALLBACK_KVER.fullmatch(kver) and _complete(root, kver):
-                _log(f"using the cached {root.name}")
-                return Tree(root, kver, f"linux-image-{kver}", False)
-    raise RealTreeUnavailable(
-        f"Debian's kernel package {PACKAGE} is neither cached in {cache} nor downloadable:\n  - "
-        + "\n  - ".join(problems)
-        + "\nOn Debian 12: run 'apt-get update' (network access to deb.debian.org needed), or put "
-          f"{PACKAGE}_*_amd64.deb into {cache} (or set KMODGUARD_TEST_CACHE).")
+            cached = _cached_trees(cache)
+            if len(cached) < 2:
+                raise RealTreeUnavailable(f"{exc}\nand the cache {cache} holds {len(cached)} usable kernel "
+                                          "tree(s), not the two the tests need") from None
+            _log(f"{exc}; using the newest cached trees {cached[0].package} and {cached[1].package}")
+            _RESOLVED = cached[:2]
+            return _RESOLVED[0], _RESOLVED[1]
+        if older is None:
+            raise RealTreeUnavailable(f"the archive serves only one {current.series} kernel ABI ({current.name}); "
+                                      "the upgrade scenarios need an older one too: " + NO_KERNEL_HINT)
+        trees = [_obtain(cache, current), _obtain(cache, older)]
+        _prune(cache, trees)
+    _RESOLVED = trees
+    return trees[0], trees[1]
+
+
+def ensure_tree() -> Tree:
+    """The current kernel's tree (what linux-image-amd64 depends on today)."""
+    return ensure_kernels()[0]
 
 
 # --- the split ---------------------------------------------------------------------------
@@ -289,23 +375,31 @@ def _module_files(mdir: Path) -> list[str]:
     return found
 
 
+def _as_ko(rel: str) -> str:
+    for sfx in MODULE_SUFFIXES[1:]:
+        if rel.endswith(sfx):
+            return rel[: -len(sfx)] + ".ko"
+    return rel
+
+
 def assign(tree: Tree) -> dict[str, str]:
-    """Each module file of the tree -> its package, by path; unknown paths go to kernel-modules."""
+    """Each module file of the tree -> its package, by path; a path the table does not know goes to
+    kernel-modules (Fedora's rules put every driver they do not list there)."""
     table = split_table()
-    out = {}
-    for rel in _module_files(tree.mdir):
-        as_ko = rel
-        for sfx in MODULE_SUFFIXES[1:]:
-            if as_ko.endswith(sfx):
-                as_ko = as_ko[: -len(sfx)] + ".ko"
-        out[rel] = table.get(as_ko, MODULES)
-    if tree.exact:
-        absent = sorted(set(table) - set(out))
+    out = {rel: table.get(_as_ko(rel), MODULES) for rel in _module_files(tree.mdir)}
+    if tree.is_table_build:
+        absent = sorted(set(table) - {_as_ko(rel) for rel in out})
         if absent:
             raise RealTreeUnavailable(
-                f"the cached tree {tree.root} lacks {len(absent)} modules of {PACKAGE} "
+                f"the cached tree {tree.root} lacks {len(absent)} modules of {tree.package} "
                 f"(first: {absent[0]}): it is damaged; remove it and run again")
     return out
+
+
+def unknown_paths(tree: Tree) -> list[str]:
+    """The module files of the tree that the split table does not name (they went to kernel-modules)."""
+    table = split_table()
+    return [rel for rel in _module_files(tree.mdir) if _as_ko(rel) not in table]
 
 
 # --- concretising aliases (test input, not matching) --------------------------------------

@@ -16,7 +16,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +182,51 @@ def test_q35_chipset_helpers_are_ignored_by_default(real_world):
         == ["lpc_ich"]  # it is there to be had: the policy, not the index, decides
     spk = one(real_world, "platform:pcspkr")
     assert spk["verdict"] == "ignored", spk
+
+
+# --- the kernels: chosen from what the archive serves, split by path ---------------------------
+
+def test_the_fedora_split_applies_by_path_to_a_build_it_was_not_made_from(tmp_path):
+    """tests/data/fedora-split was made from one build; the suite runs on whatever Debian serves.
+    On another build every path the table names keeps its package, a path it does not name goes to
+    kernel-modules, and the split keeps Fedora's shape (cloud NIC/VF and storage drivers in core,
+    GPU drivers in kernel-modules)."""
+    current, older = realtree.ensure_kernels()
+    assert current.kver != older.kver and current.kver.endswith("-amd64") and older.kver.endswith("-amd64")
+    tree = next(t for t in (current, older) if not t.is_table_build)  # the current one is never the table's
+    table = realtree.split_table()
+    split = realtree.assign(tree)
+    assert all(pkg == table.get(realtree._as_ko(rel), MODULES) for rel, pkg in split.items())
+    by_name = {realtree.module_name(rel): pkg for rel, pkg in split.items()}
+    for m in ("virtio_net", "virtio_blk", "ena", "gve", "hv_netvsc", "mlx5_core", "ixgbevf", "iavf", "nvme"):
+        assert by_name[m] == CORE, m
+    for m in ("amdgpu", "nouveau", "i915", "ast", "snd_hda_intel", "megaraid_sas"):
+        assert by_name[m] == MODULES, m
+    counts = {pkg: list(split.values()).count(pkg) for pkg in (CORE, MODULES, EXTRA)}
+    assert counts[CORE] > 1500 and counts[MODULES] > 1500 and counts[EXTRA] > 50, counts
+    # a module at a path no row names (a driver new in this build): kernel-modules
+    fake = tmp_path / "tree"
+    mdir = fake / "lib" / "modules" / tree.kver
+    moved = {"kernel/drivers/net/virtio_net.ko": CORE, "kernel/drivers/kmg/new_in_this_build.ko": MODULES}
+    for rel in moved:
+        (mdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mdir / rel).write_bytes(b"")
+    (mdir / "modules.order").write_text("")
+    fake_tree = realtree.Tree(fake, tree.kver, tree.package, tree.version)
+    assert realtree.assign(fake_tree) == moved
+    assert realtree.unknown_paths(fake_tree) == ["kernel/drivers/kmg/new_in_this_build.ko"]
+
+
+def test_an_archive_that_serves_no_kernel_is_a_clear_failure_naming_the_command(tmp_path):
+    """A machine whose apt lists name no linux-image-*-amd64 (never updated, or no Debian 12 archive):
+    the failure says what to run, never a skip."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "apt-cache").write_text("#!/bin/sh\nexit 0\n")  # apt with empty package lists answers nothing
+    (stub / "apt-cache").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}", "KMODGUARD_TEST_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", "import realtree; realtree.ensure_kernels()"], env=env,
+                          cwd=Path(realtree.__file__).parent, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "RealTreeUnavailable" in proc.stderr and "names no linux-image-*-amd64 package" in proc.stderr
+    assert "run 'apt-get update'" in proc.stderr and "KMODGUARD_TEST_CACHE" in proc.stderr

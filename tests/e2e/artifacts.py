@@ -156,9 +156,15 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def boot_tree() -> realtree.Tree:
+    """The kernel the guest boots: the older of the two the archive serves (realtree.ensure_kernels),
+    so that the current one is a real upgrade with a higher version."""
+    return realtree.ensure_kernels()[1]
+
+
 def cache_key(tree: realtree.Tree) -> str:
     h = hashlib.sha256()
-    parts = [f"format={BUILD_FORMAT}", f"kver={tree.kver}", f"package={tree.package}",
+    parts = [f"format={BUILD_FORMAT}", f"kver={tree.kver}", f"package={tree.package}", f"version={tree.version}",
              f"arch={platform.machine()}"]
     for f in (tree.mdir / "modules.order", tree.root / "boot" / f"vmlinuz-{tree.kver}"):
         st = f.stat()
@@ -189,7 +195,7 @@ def _load(final: Path) -> Build | None:
 
 def ensure_build() -> Build:
     """The cached build for the current inputs; built (a few minutes, once) when missing."""
-    tree = realtree.ensure_tree()
+    tree = boot_tree()
     root = cache_root()
     final = root / f"build-{cache_key(tree)}"
     found = _load(final)
@@ -521,7 +527,7 @@ def _build(tree: realtree.Tree, out: Path, final: Path) -> None:
         "rpm_uname": rpm_uname(kver),
         "tree": str(tree.root),
         "vmlinuz": str(tree.root / "boot" / f"vmlinuz-{kver}"),
-        "exact_tree": tree.exact,
+        "tree_version": tree.version,
         "dbpath": DBPATH,
         "key_fingerprint": fingerprint,
         "modules": {"kernel-modules-core": len(by_pkg[realtree.CORE]),
