@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -211,7 +212,9 @@ SESSION = Session()
 
 def make_initrd(build: Build, work: Path) -> Path:
     """busybox, the modules that mount 9p and overlay (in modprobe's order, from the guest's own
-    installed tree) and guest/init.sh as /init, as a newc cpio."""
+    installed tree), guest/init.sh as /init and guest/stage2.sh, as a newc cpio. /e2e.env tells the
+    guest where the project is: the checkout's own path, shell-quoted (it may hold spaces, lie under
+    /tmp or in a 0700 home). Nothing of it goes on the kernel command line."""
     root = work / "root"
     for d in ("bin", "dev", "proc", "sys", "modules"):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -227,9 +230,11 @@ def make_initrd(build: Build, work: Path) -> Path:
     (root / "modules.list").write_text("".join(f"{n}\n" for n in names))
     busybox = shutil.which("busybox") or "/bin/busybox"
     shutil.copy2(busybox, root / "bin" / "busybox")
-    init = (GUEST / "init.sh").read_text().replace("@STAGE2@", str(GUEST / "stage2.sh"))
-    (root / "init").write_text(init)
-    (root / "init").chmod(0o755)
+    for name, dest in (("init.sh", "init"), ("stage2.sh", "stage2.sh")):
+        shutil.copyfile(GUEST / name, root / dest)
+        (root / dest).chmod(0o755)
+    (root / "e2e.env").write_text(f"KMG_PROJECT={shlex.quote(str(REPO))}\n"
+                                  f"KMG_PYTHON={shlex.quote(str(VENV_PYTHON))}\n")
     try:  # the kernel opens /dev/console for /init before anything is mounted
         os.mknod(root / "dev" / "console", 0o20600, os.makedev(5, 1))
     except OSError:
@@ -320,6 +325,11 @@ class QMP:
             pass
 
 
+def qemu_option(value: str) -> str:
+    """A value inside one QEMU -device/-virtfs option string: ',' is the separator, ',,' a comma."""
+    return value.replace(",", ",,")
+
+
 class VM:
     def __init__(self, build: Build, initrd: Path, repo: Path, out: Path, qmp_path: Path, devices: list[Device],
                  memory: int):
@@ -332,14 +342,16 @@ class VM:
         self.reader: threading.Thread | None = None
 
     def command(self) -> list[str]:
-        kernel_args = ["console=ttyS0", "quiet", "panic=-1", "loglevel=4", f"kmg_python={kmodguard_python()}"]
+        kernel_args = ["console=ttyS0", "quiet", "panic=-1", "loglevel=4"]
         cmd = ["qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-m", str(self.memory), "-smp", "1",
                "-kernel", str(self.build.vmlinuz), "-initrd", str(self.initrd), "-append", " ".join(kernel_args),
                "-display", "none", "-vga", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
                "-net", "none", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        # the project has a share of its own: the guest mounts it at its own path, which the host's
+        # root may not show (a checkout under /tmp: the guest mounts a tmpfs there)
         for tag, path, ro in (("hostroot", "/", True), ("layer", self.build.layer, True), ("repo", self.repo, True),
-                              ("out", self.out, False)):
-            opts = f"local,path={path},mount_tag={tag},security_model=none"
+                              ("project", REPO, True), ("out", self.out, False)):
+            opts = f"local,path={qemu_option(str(path))},mount_tag={tag},security_model=none"
             opts += ",readonly=on" if ro else ""
             opts += ",multidevs=remap" if tag == "hostroot" else ""
             cmd += ["-virtfs", opts]
