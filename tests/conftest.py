@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,44 @@ import synthetic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Unit and integration tests first, the end-to-end scenarios (minutes of QEMU) last: a harness
+    failure there never hides the rest, and `-x` stops at the cheapest failure."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+
+
+# --- an unprivileged user ----------------------------------------------------------------------
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+SYSTEM_PYTHON = "/usr/bin/python3"  # the distribution's: nobody may not read a private interpreter
+
+
+@dataclass(frozen=True)
+class Unprivileged:
+    """How user nobody runs kmodguard: the system's Python on a world-readable copy of the package
+    (a checkout in a 0700 home directory, or a virtual environment inside it, is closed to nobody)."""
+
+    top: Path
+
+    def command(self, *args: str) -> list[str]:
+        return [*NOBODY, SYSTEM_PYTHON, "-m", "kmodguard", *args]
+
+    def env(self, base: dict | None = None) -> dict:
+        return {**(base if base is not None else os.environ), "PYTHONPATH": str(self.top)}
+
+
+@pytest.fixture(scope="session")
+def unprivileged():
+    top = Path(tempfile.mkdtemp(prefix="kmg-public-", dir="/tmp"))
+    shutil.copytree(REPO / "kmodguard", top / "kmodguard", ignore=shutil.ignore_patterns("__pycache__"))
+    for dirpath, dirnames, filenames in os.walk(top):
+        os.chmod(dirpath, 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+    yield Unprivileged(top)
+    shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -228,7 +228,7 @@ def test_journal_gets_structured_fields(indexed, tmp_path, testbed):
 
 # --- authorization ------------------------------------------------------------------------------------
 
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+from conftest import NOBODY  # noqa: E402
 
 
 @pytest.fixture
@@ -249,20 +249,20 @@ def busctl(bus, *args, user=(), check=True):
     return res
 
 
-def kmodguard_as(user, env, *args):
-    return subprocess.run([*user, sys.executable, "-m", "kmodguard", *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+def kmodguard_as(unprivileged, env, *args):
+    return subprocess.run(unprivileged.command(*args), env=env, capture_output=True, text=True, timeout=120)
 
 
-def client_env(bus, runtime: Path) -> dict:
-    return {"PATH": os.environ["PATH"], "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-            "DBUS_SYSTEM_BUS_ADDRESS": bus.address, "KMODGUARD_RUNTIME_DIR": str(runtime)}
+def client_env(bus, runtime: Path, unprivileged) -> dict:
+    return unprivileged.env({"PATH": os.environ["PATH"], "DBUS_SYSTEM_BUS_ADDRESS": bus.address,
+                             "KMODGUARD_RUNTIME_DIR": str(runtime)})
 
 
 DAEMON = ("org.kmodguard.Daemon1", "/org/kmodguard/Daemon1", "org.kmodguard.Daemon1")
 
 
-def test_unprivileged_callers_read_status_and_are_refused_fix_without_polkit(started, public_runtime, bus):
+def test_unprivileged_callers_read_status_and_are_refused_fix_without_polkit(started, public_runtime, bus,
+                                                                             unprivileged):
     daemon, client = started(records=pci_record("0000:00:05.0", GPU))
     daemon.wait_until(lambda s: s["needs_driver"] == ["0000:00:05.0"], 10)
     # reading is open to everyone
@@ -271,7 +271,7 @@ def test_unprivileged_callers_read_status_and_are_refused_fix_without_polkit(sta
     assert [d["id"] for d in doc["devices"]] == ["0000:00:05.0"] and doc["daemon"]["mode"] == "offer"
     assert json.loads(busctl(bus, "get-property", *DAEMON, "NeedsDriver", user=NOBODY).stdout)["data"] == ["0000:00:05.0"]
     # changing the system is not: `kmodguard fix` as nobody asks the daemon, which refuses
-    res = kmodguard_as(NOBODY, client_env(bus, public_runtime), "fix", "--yes")
+    res = kmodguard_as(unprivileged, client_env(bus, public_runtime, unprivileged), "fix", "--yes")
     assert res.returncode == 4, (res.stdout, res.stderr)
     assert "only root may do this here: polkit is not running" in res.stderr
     assert "Traceback" not in res.stderr
@@ -280,7 +280,7 @@ def test_unprivileged_callers_read_status_and_are_refused_fix_without_polkit(sta
     assert daemon.snapshot()["fixes"] == 0  # nothing ran
 
 
-def test_polkit_decides_for_unprivileged_callers(started, public_runtime, bus, tmp_path):
+def test_polkit_decides_for_unprivileged_callers(started, public_runtime, bus, tmp_path, unprivileged):
     polkit = subprocess.Popen([sys.executable, "-m", "dbusmock", "--system", "--template", "polkitd"],
                               env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus.address},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -290,14 +290,14 @@ def test_polkit_decides_for_unprivileged_callers(started, public_runtime, bus, t
             assert time.monotonic() < deadline, "dbusmock's polkitd did not come up"
             time.sleep(0.1)
         daemon, client = started()  # no device needs anything: an allowed fix has nothing to do
-        env = client_env(bus, public_runtime)
-        res = kmodguard_as(NOBODY, env, "fix", "--yes", "--json")
+        env = client_env(bus, public_runtime, unprivileged)
+        res = kmodguard_as(unprivileged, env, "fix", "--yes", "--json")
         assert res.returncode == 4, res.stderr
         assert "uid 65534 is not allowed to do this (polkit action org.kmodguard.fix)" in res.stderr
         assert json.loads(res.stdout)["error"]["name"] == "NotAuthorized"
         busctl(bus, "call", "org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority",
                "org.freedesktop.DBus.Mock", "SetAllowed", "as", "1", "org.kmodguard.fix")
-        res = kmodguard_as(NOBODY, env, "fix", "--yes", "--json")
+        res = kmodguard_as(unprivileged, env, "fix", "--yes", "--json")
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["outcomes"] == []
         record = daemon.wait_until(lambda s: s["fixes"] == 1, 10)["last_fix"]
