@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import synthetic  # noqa: E402
+from unprivileged import Unprivileged  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -27,24 +28,6 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 # --- an unprivileged user ----------------------------------------------------------------------
-
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
-SYSTEM_PYTHON = "/usr/bin/python3"  # the distribution's: nobody may not read a private interpreter
-
-
-@dataclass(frozen=True)
-class Unprivileged:
-    """How user nobody runs kmodguard: the system's Python on a world-readable copy of the package
-    (a checkout in a 0700 home directory, or a virtual environment inside it, is closed to nobody)."""
-
-    top: Path
-
-    def command(self, *args: str) -> list[str]:
-        return [*NOBODY, SYSTEM_PYTHON, "-m", "kmodguard", *args]
-
-    def env(self, base: dict | None = None) -> dict:
-        return {**(base if base is not None else os.environ), "PYTHONPATH": str(self.top)}
-
 
 @pytest.fixture(scope="session")
 def unprivileged():

@@ -228,7 +228,7 @@ def test_journal_gets_structured_fields(indexed, tmp_path, testbed):
 
 # --- authorization ------------------------------------------------------------------------------------
 
-from conftest import NOBODY  # noqa: E402
+from unprivileged import NOBODY  # noqa: E402
 
 
 @pytest.fixture
