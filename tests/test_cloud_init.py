@@ -171,7 +171,7 @@ def installed_copy(tmp_path: Path, text: str | None = None) -> Path:
     script = Path(sys.executable).parent / "kmodguard"
     assert script.exists(), "tools/setup installs the kmodguard command into the virtual environment"
     path = tmp_path / UNIT.name
-    path.write_text((text if text is not None else UNIT.read_text()).replace("/usr/bin/kmodguard", str(script)))
+    path.write_text((text if text is not None else UNIT.read_text()).replace("/usr/bin/kmodguard", f'"{script}"'))
     return path
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,7 +129,12 @@ def kernel_install(kmg, root: Path, tmp_path: Path, kver: str, extra_env: dict |
     boot = tmp_path / "boot"
     boot.mkdir(exist_ok=True)
     image = root / "lib/modules" / kver / "vmlinuz"
-    env = {**kmg.env, "KERNEL_INSTALL_PLUGINS": str(REPO / "units/90-kmodguard.install"), "BOOT_ROOT": str(boot),
+    # installed as the package installs it (KERNEL_INSTALL_PLUGINS is a blank-separated list: the
+    # checkout's path may hold a space)
+    plugin = tmp_path / "install.d" / "90-kmodguard.install"
+    plugin.parent.mkdir(exist_ok=True)
+    shutil.copy2(REPO / "units/90-kmodguard.install", plugin)
+    env = {**kmg.env, "KERNEL_INSTALL_PLUGINS": str(plugin), "BOOT_ROOT": str(boot),
            "KERNEL_INSTALL_MACHINE_ID": "0123456789abcdef0123456789abcdef",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(extra_env or {})}
     cmd = ["umockdev-run", "--device", str(kmg.umockdev), "--", "kernel-install", "add", kver, str(image)]
@@ -174,11 +180,16 @@ def dnf_with_plugin(machine, tmp_path):
     confdir = tmp_path / "dnf-plugins.d"
     confdir.mkdir()
     (confdir / "kmodguard.conf").write_text((REPO / "packaging/dnf-plugin/kmodguard.conf").read_text())
+    # the shim in a plugin directory of its own, as the RPM installs it (dnf splits a pluginpath
+    # with a blank in it: the checkout's path may hold one)
+    plugindir = tmp_path / "dnf-plugins"
+    plugindir.mkdir()
+    shutil.copy2(REPO / "packaging/dnf-plugin/kmodguard.py", plugindir / "kmodguard.py")
     env = {**kmg.env, "PYTHONPATH": str(REPO), "LC_ALL": "C"}
 
     def run(*args: str, devices: Path | None = None) -> subprocess.CompletedProcess:
         cmd = ["umockdev-run", "--device", str(devices or kmg.umockdev), "--",
-               "dnf", "-y", "--installroot", str(root), f"--setopt=pluginpath={REPO / 'packaging/dnf-plugin'}",
+               "dnf", "-y", "--installroot", str(root), f"--setopt=pluginpath={plugindir}",
                f"--setopt=pluginconfpath={confdir}", *args]
         # one stream, in the order dnf wrote it (warnings go to stderr, the transaction to stdout)
         return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)

@@ -22,7 +22,7 @@ def _installed_copy(unit: str, tmp_path: Path) -> Path:
     (systemd-analyze verify checks that the executable exists)."""
     script = Path(sys.executable).parent / "kmodguard"
     assert script.exists(), "tools/setup installs the kmodguard command into the virtual environment"
-    text = (UNITS / unit).read_text().replace("/usr/bin/kmodguard", str(script))
+    text = (UNITS / unit).read_text().replace("/usr/bin/kmodguard", f'"{script}"')
     (tmp_path / unit).write_text(text)
     return tmp_path / unit
 
