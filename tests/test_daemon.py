@@ -477,20 +477,100 @@ def test_killed_during_a_remediation_a_restart_converges(started, testbed, image
         daemon.kill_group()  # kill -9 the daemon (the fix runs in a session of its own)
         if killed == "daemon-and-fix":
             os.killpg(fixer, signal.SIGKILL)
-        assert (state_dir / "fix-request.json").exists()
+        # the fix took the request before it acted: no longer pending, not yet done
+        assert not (state_dir / "fix-request.json").exists() and (state_dir / "fix-request.taken.json").exists()
     # the lock is free again; a new daemon converges
     notify.messages.clear()
     daemon2, _ = started(AUTO, kver=RPM_KVER)
     snap = daemon2.wait_until(lambda s: s["last_fix"] is not None and not s["fix_running"]
-                              and not (state_dir / "fix-request.json").exists(), 180)
+                              and not (state_dir / "fix-request.json").exists()
+                              and not (state_dir / "fix-request.taken.json").exists(), 180)
     assert len(history(image)) == before + 1  # exactly one transaction, whoever finished it
     assert any(p.startswith("kernel-modules-6.1.0") for p in installed(image))
     assert snap["last_fix"]["exit_code"] == 6
     if killed == "daemon-and-fix":
         assert snap["last_fix"]["requested_by"] == "resume of auto"
     else:  # the fix outlived the daemon and finished on its own
-        assert snap["last_fix"]["requested_by"] == "auto"
+        assert snap["last_fix"]["requested_by"] == "auto", daemon2.log_text()
     assert {d["id"]: d["verdict"] for d in snap["devices"]} == {"0000:00:05.0": "loadable"}
+
+
+FIX_FINISHED_ID = "d122649fd7854f629fea458b7bce3c1e"  # kmodguard.daemon.systemd.MESSAGE_IDS["fix-finished"]
+
+
+@pytest.mark.parametrize("when", ["finishes-while-the-new-daemon-waits", "finished-while-no-daemon-ran"])
+def test_a_restart_during_a_fix_reports_that_fix_once_and_runs_it_once(started, testbed, image, notify, when):
+    """`systemctl restart kmodguard.service` while its fix runs (SIGTERM: the fix lives on in a
+    session of its own): the new daemon runs no fix of its own while the old one holds the lock,
+    and reports the old one's end as it reports its own: event, RemediationFinished, journal."""
+    import fcntl
+
+    from kmodguard.engine import state
+
+    before = len(history(image))
+    daemon, client = started(AUTO, kver=RPM_KVER)
+    state_dir = Path(daemon.env["KMODGUARD_STATE_DIR"])
+    rpm_lock = open(_rpm_lock(image), "rb+")
+    try:
+        fcntl.lockf(rpm_lock, fcntl.LOCK_EX)  # another package manager holds rpm's lock: the fix waits
+        add_and_announce(testbed, pci_record("0000:00:05.0", GPU), [f"{SYSPCI}/0000:00:05.0"])
+        _, body = client.wait_signal("FixProgress", lambda b: "waiting for the package lock" in b[1], timeout=60)
+        rid = body[0]
+        assert daemon.stop() == 0  # the restart's stop
+        assert state.lock_held(state_dir), "the fix must outlive the daemon"
+        assert state.pending_request(state_dir) is None  # taken by the fix before it acted
+        assert state.taken_request(state_dir)["id"] == rid
+        if when == "finished-while-no-daemon-ran":
+            fcntl.lockf(rpm_lock, fcntl.LOCK_UN)
+            deadline = time.monotonic() + 180
+            while state.lock_held(state_dir) or (state.last_fix(state_dir) or {}).get("id") != rid:
+                assert time.monotonic() < deadline, "the fix did not finish"
+                time.sleep(0.1)
+        notify.messages.clear()
+        daemon2, _ = started(AUTO, kver=RPM_KVER)  # `client` listens across the restart, as a waiter would
+        if when == "finishes-while-the-new-daemon-waits":
+            daemon2.wait_until(lambda s: s["fix_running"], 30, "the new daemon to wait for the running fix")
+            time.sleep(SETTLE + 0.5)
+            assert not any(e["kind"] == "fix-started" for e in daemon2.snapshot()["events"])
+            fcntl.lockf(rpm_lock, fcntl.LOCK_UN)
+    finally:
+        rpm_lock.close()
+    _, body = client.wait_signal("RemediationFinished", lambda b: b[0] == rid, timeout=180)
+    assert body[1] == 6 and json.loads(body[2])["requested_by"] == "auto"
+    snap = daemon2.wait_until(lambda s: s["fixes"] == 1 and not s["fix_running"], 30)
+    assert [e["request"] for e in snap["events"] if e["kind"] == "fix-finished"] == [rid]
+    assert snap["last_fix"]["id"] == rid and snap["last_fix"]["exit_code"] == 6
+    journal = [r for r in daemon2.log_records() if r.get("message_id") == FIX_FINISHED_ID]
+    assert len(journal) == 1 and journal[0]["kmodguard_request"] == rid, daemon2.log_text()
+    # and nothing ran a second time, then or later
+    time.sleep(SETTLE + 1.0)
+    snap = daemon2.snapshot()
+    assert snap["fixes"] == 1 and not any(e["kind"] == "fix-started" for e in snap["events"])
+    assert [m for m, _ in client.drain() if m == "RemediationFinished"] == ["RemediationFinished"]
+    assert "resuming" not in daemon2.log_text()
+    assert len(history(image)) == before + 1
+    assert state.pending_request(state_dir) is None and state.taken_request(state_dir) is None
+    assert {d["id"]: d["verdict"] for d in snap["devices"]} == {"0000:00:05.0": "loadable"}
+
+
+def test_a_pending_request_nobody_took_is_resumed_once(started, testbed, image):
+    """A daemon stopped after writing its request, before any fix took it: the next one runs it, once."""
+    from kmodguard.engine import state
+
+    before = len(history(image))
+    daemon, client = started('backend = "dnf"\n', records=pci_record("0000:00:05.0", GPU), kver=RPM_KVER)
+    state_dir = Path(daemon.env["KMODGUARD_STATE_DIR"])
+    daemon.stop()
+    request = state.write_request(state_dir, RPM_KVER, ["0000:00:05.0"], "root", {})  # as it left it
+    daemon2, _ = started('backend = "dnf"\n', kver=RPM_KVER)
+    _, body = client.wait_signal("RemediationFinished", lambda b: b[0] == request["id"], timeout=180)
+    assert body[1] == 6
+    snap = daemon2.wait_until(lambda s: s["fixes"] == 1 and not s["fix_running"], 30)
+    assert [e["request"] for e in snap["events"] if e["kind"] == "fix-started"] == [request["id"]]
+    time.sleep(SETTLE + 1.0)
+    assert daemon2.snapshot()["fixes"] == 1
+    assert len(history(image)) == before + 1
+    assert state.pending_request(state_dir) is None and state.taken_request(state_dir) is None
 
 
 def test_a_storm_of_signals_does_not_cut_the_daemon_off_the_bus(started, testbed):

@@ -49,6 +49,45 @@ except Busy as exc:
         pass
 
 
+def _other_process_gets_the_lock(tmp_path) -> bool:
+    other = subprocess.run([sys.executable, "-c", f"""
+import sys
+from kmodguard.engine.state import RemediationLock
+from kmodguard.errors import Busy
+try:
+    with RemediationLock({str(tmp_path)!r}):
+        sys.exit(0)
+except Busy:
+    sys.exit(9)
+"""], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    return other.returncode == 0
+
+
+def test_the_lock_nests_within_one_process(tmp_path):
+    """The fix for a daemon's request holds the lock while it consumes the request, and the
+    remediation takes it again: that nests, and the lock is let go with the outermost hold."""
+    with RemediationLock(tmp_path):
+        with RemediationLock(tmp_path):
+            pass
+        assert not _other_process_gets_the_lock(tmp_path)  # still held after the inner release
+    assert _other_process_gets_the_lock(tmp_path)
+
+
+def test_a_request_is_taken_once(tmp_path):
+    from kmodguard.engine import state
+
+    request = state.write_request(tmp_path, "6.1.0", ["0000:00:05.0"], "auto")
+    with RemediationLock(tmp_path):
+        assert state.take_request(tmp_path, tmp_path / state.REQUEST_FILE) == request
+        assert state.take_request(tmp_path, tmp_path / state.REQUEST_FILE) is None  # a second fix finds none
+    assert state.pending_request(tmp_path) is None and state.taken_request(tmp_path) == request
+    again = state.requeue(tmp_path, request)  # its fix was killed: pending again, same id
+    assert again["id"] == request["id"] and again["requested_by"] == "resume of auto"
+    assert state.taken_request(tmp_path) is None and state.pending_request(tmp_path) == again
+    state.finish_request(tmp_path, request["id"])
+    assert state.pending_request(tmp_path) is None
+
+
 def test_backoff_grows_and_clears(tmp_path):
     b = Backoff(tmp_path)
     assert b.waiting("0000:00:05.0") == 0

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from ..engine.api import Engine, needs_action
 from ..engine.diagnosis import check_modalias
-from ..errors import ExitCode, InvalidInput
+from ..errors import ExitCode, InvalidInput, KmodguardError
 from ..paths import Paths
 from .output import HEADINGS, ORDER, emit_json, install_command, progress, safe, table
 
@@ -407,37 +408,74 @@ def _print_fix(doc: dict, as_json: bool) -> None:
 
 
 def _fix_request(args, paths) -> int:
-    """The fix the daemon asked for (kmodguard-fix.service, or the daemon's child process):
-    devices and per-fix options from the request file, which is removed once the fix has run to
-    its end, whatever the outcome; a request left behind by a kill is resumed by the daemon."""
+    """The fix the daemon asked for (kmodguard-fix.service, or the daemon's child process).
+
+    Under the fix lock (waited for, up to timeouts.lock_wait: a fix already running goes first)
+    the request file is consumed, renamed to STATE_DIR/fix-request.taken.json, before anything
+    is done, and the fix's record (STATE_DIR/last-fix.json, with the request's id) is written
+    before the lock is let go. So a request is pending, being run (lock held), or done: a daemon
+    starting meanwhile never runs it a second time. No request left at FILE: another fix took
+    it, nothing to do here. A request left behind by a kill is resumed by the daemon."""
     from .. import config as config_mod
     from ..engine import state
+    from ..errors import Busy
 
     if args.devices or args.dry_run:
         raise InvalidInput("--request names the devices itself; it does not go with DEVICE or --dry-run")
-    request = state.read_request(Path(args.request))
-    if request["kernel"] != paths.kver:
-        if args.kver:
-            raise InvalidInput(f"{args.request} is a fix for kernel {request['kernel']}, not {args.kver}")
-        paths = paths.with_kver(request["kernel"])  # the daemon judged that kernel's devices
-    policy = config_mod.with_overrides(config_mod.load(paths.config_dir), request["overrides"],
-                                       where=f"{args.request}: overrides")
-    engine = Engine(paths, policy)
-    devices = engine.select(request["devices"], missing_ok=True) if request["devices"] else []
-    plan = engine.plan(engine.judge(devices))
+    from .output import outlive_the_reader
+
+    outlive_the_reader()  # a daemon restarted meanwhile no longer reads our output: go on regardless
+    lock = state.RemediationLock(paths.state_dir, wait=config_mod.load(paths.config_dir).timeouts.lock_wait)
     try:
-        if plan.blocked or not plan.needs_action:
-            report = {**plan.as_json(), "steps": [], "outcomes": []}
+        lock.__enter__()
+    except Busy as exc:  # still pending: a daemon may run it later; this try's end is recorded
+        request = state.pending_request(paths.state_dir) if Path(args.request) == \
+            paths.state_dir / state.REQUEST_FILE else None
+        if request is not None:
             state.record_fix(paths.state_dir, {"id": request["id"], "requested_by": request.get("requested_by"),
-                                               "devices": request["devices"], "exit_code": int(ExitCode.OK),
-                                               "report": report, "nothing_to_do": True})
-            _print_fix(report, args.json)
+                                               "devices": request["devices"], "finished": time.time(),
+                                               "exit_code": int(exc.exit_code), **exc.as_json()})
+        raise
+    try:
+        request = state.take_request(paths.state_dir, Path(args.request))
+        if request is None:
+            progress(f"no fix request at {args.request}: another fix took it; nothing to do")
             return ExitCode.OK
-        code, doc = engine.run_fix(plan, engine.backend(args.backend), progress, request=request)
-        _print_fix(doc, args.json)
-        return code
+        return _run_request(args, paths, request)
     finally:
-        state.finish_request(paths.state_dir, request["id"])
+        lock.__exit__(None, None, None)
+
+
+def _run_request(args, paths, request: dict) -> int:
+    from .. import config as config_mod
+    from ..engine import state
+
+    where = f"request {request['id']}"
+    try:
+        if request["kernel"] != paths.kver:
+            if args.kver:
+                raise InvalidInput(f"{where} is a fix for kernel {request['kernel']}, not {args.kver}")
+            paths = paths.with_kver(request["kernel"])  # the daemon judged that kernel's devices
+        policy = config_mod.with_overrides(config_mod.load(paths.config_dir), request["overrides"],
+                                           where=f"{where}: overrides")
+        engine = Engine(paths, policy)
+        devices = engine.select(request["devices"], missing_ok=True) if request["devices"] else []
+        plan = engine.plan(engine.judge(devices))
+    except KmodguardError as exc:  # taken, so recorded: the daemon reports how it ended
+        state.record_fix(paths.state_dir, {"id": request["id"], "requested_by": request.get("requested_by"),
+                                           "devices": request["devices"], "finished": time.time(),
+                                           "exit_code": int(exc.exit_code), **exc.as_json()})
+        raise
+    if plan.blocked or not plan.needs_action:
+        report = {**plan.as_json(), "steps": [], "outcomes": []}
+        state.record_fix(paths.state_dir, {"id": request["id"], "requested_by": request.get("requested_by"),
+                                           "devices": request["devices"], "exit_code": int(ExitCode.OK),
+                                           "finished": time.time(), "report": report, "nothing_to_do": True})
+        _print_fix(report, args.json)
+        return ExitCode.OK
+    code, doc = engine.run_fix(plan, engine.backend(args.backend), progress, request=request)
+    _print_fix(doc, args.json)
+    return code
 
 
 def _fix_through_daemon(args, paths) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 
@@ -33,6 +34,44 @@ def emit_json(doc) -> None:
 
 def progress(message: str) -> None:
     print(f"kmodguard: {message}", file=sys.stderr, flush=True)
+
+
+class _OutlivesItsReader:
+    """A text stream that, once its reader is gone (EPIPE), goes on writing to /dev/null."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _to_devnull(self) -> None:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, self._stream.fileno())
+        os.close(fd)
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+            self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def outlive_the_reader() -> None:
+    """A fix the daemon started as a child reports on a pipe the daemon reads; when the daemon
+    stops (a restart), the fix must go on, not die of EPIPE halfway through a transaction."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, _OutlivesItsReader):
+            setattr(sys, name, _OutlivesItsReader(stream))
 
 
 def safe(text: str | None, limit: int = 0) -> str:

@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import pyudev
@@ -29,7 +28,7 @@ from ..engine import state
 from ..engine.api import Engine, device_json
 from ..engine.diagnosis import NEEDS_ACTION, Verdict
 from ..engine.offer import Offer, motd_text, write_motd
-from ..errors import InvalidInput, KmodguardError
+from ..errors import Busy, InvalidInput, KmodguardError
 from ..paths import Paths
 from . import runner as runners
 from . import systemd
@@ -390,6 +389,7 @@ class Daemon:
         return record
 
     async def _run_request(self, request: dict) -> dict:
+        """Run the pending request (STATE_DIR/fix-request.json) through the runner, report its end."""
         rid = request["id"]
         self.fix_running = True
         self.events.append({"t": time.time(), "kind": "fix-started", "request": rid, "devices": request["devices"],
@@ -401,6 +401,8 @@ class Daemon:
         path = self.paths.state_dir / state.REQUEST_FILE
         try:
             code = await self.runner.run(path, lambda message: self.publisher.fix_progress(rid, message))
+            # the request may have been taken by a fix started before this daemon: that one's record counts
+            await self._wait_for_fix_lock()
         finally:
             self.fix_running = False
         record = state.last_fix(self.paths.state_dir)
@@ -409,7 +411,12 @@ class Daemon:
                       "exit_code": code or 1, "finished": time.time(),
                       "error": {"name": "Failed", "message": f"the fix ({self.runner.name}) ended with status {code} "
                                                              "without a report; see the journal"}}
-            state.finish_request(self.paths.state_dir, rid)
+        self._finished(record)
+        return record
+
+    def _finished(self, record: dict) -> None:
+        """Report a fix's end, once: event, journal (MESSAGE_ID), signal; then forget its request."""
+        rid = record.get("id")
         self.fixes += 1
         self.last_fix = record
         outcomes = (record.get("report") or {}).get("outcomes", [])
@@ -423,29 +430,58 @@ class Daemon:
                 extra=systemd.fields("fix-finished", kmodguard_request=rid,
                                      kmodguard_exit_code=record.get("exit_code")))
         self.publisher.fix_finished(rid, int(record.get("exit_code") or 0), record)
-        return record
+        if rid:
+            state.finish_request(self.paths.state_dir, rid)  # reported: a later daemon leaves it alone
+
+    async def _wait_for_fix_lock(self) -> None:
+        """Until no fix holds STATE_DIR/fix.lock (polled: a thread blocked in flock would hold up
+        the daemon's exit; this happens only while a fix runs)."""
+        while state.lock_held(self.paths.state_dir):
+            await asyncio.sleep(0.25)
 
     def _resume(self) -> None:
-        """A request left behind means a fix was interrupted (a kill, a crash, a power cut): run it
-        again once nobody holds the fix lock; it converges, doing only what is still missing."""
-        request = state.pending_request(self.paths.state_dir)
-        if request is None:
-            return
+        """At start, before the first decision: take over what a previous daemon left (a restart
+        while its fix ran, a kill, a crash, a power cut). See _take_over."""
+        sd = self.paths.state_dir
+        if state.lock_held(sd) or state.pending_request(sd) is not None or state.taken_request(sd) is not None:
+            self._fix_task = self.loop.create_task(self._fixing(self._take_over()))
 
-        async def resume():
-            if state.lock_held(self.paths.state_dir):
-                log.info("a fix is still running (request %s): waiting for it", request["id"])
-                await self.loop.run_in_executor(None, _wait_for_lock, self.paths.state_dir)
-            if state.pending_request(self.paths.state_dir) is None:  # it ran to its end after all
-                self.last_fix = state.last_fix(self.paths.state_dir)
-                self.decide(None)
-                return
-            log.warning("resuming the interrupted fix of %s (request %s)", ", ".join(request["devices"]),
-                        request["id"])
-            await self.fix(request["devices"], f"resume of {request.get('requested_by')}",
-                           request.get("overrides", {}))
-
-        self._fix_task = self.loop.create_task(self._fixing(resume()))
+    async def _take_over(self) -> None:
+        """A fix holds the lock: wait for it, start no other. Then, holding the lock for a moment,
+        read where the request is: taken and recorded, the fix ran to its end without a daemon to
+        report it (this one reports it, as its own); taken and not recorded, its fix was killed
+        (handed back as pending); pending: resumed, once. A resumed fix converges, doing only what
+        is still missing."""
+        sd = self.paths.state_dir
+        async with self._fix_lock:  # D-Bus Fix calls queue behind this
+            if state.lock_held(sd):
+                running = state.taken_request(sd) or state.pending_request(sd)
+                log.info("a fix is still running (request %s): waiting for it",
+                         running["id"] if running else "unknown")
+                self.fix_running = True
+                self.publish()
+                try:
+                    await self._wait_for_fix_lock()
+                finally:
+                    self.fix_running = False
+            while True:
+                try:
+                    with state.RemediationLock(sd):
+                        taken, record = state.taken_request(sd), state.last_fix(sd)
+                        if taken is not None and record is not None and record.get("id") == taken["id"]:
+                            log.info("the fix of request %s ended while no daemon watched it", taken["id"])
+                            self._finished(record)
+                        elif taken is not None:
+                            state.requeue(sd, taken)
+                        pending = state.pending_request(sd)
+                    break
+                except Busy:  # a fix took the lock in between (one started by the previous daemon)
+                    await self._wait_for_fix_lock()
+            if pending is not None:
+                log.warning("resuming the interrupted fix of %s (request %s)", ", ".join(pending["devices"]),
+                            pending["id"])
+                await self._run_request(pending)
+        self.decide(None)
 
     # --- what the world sees ---------------------------------------------------------------------
 
@@ -528,12 +564,3 @@ class Daemon:
         backoff = state.Backoff(self.paths.state_dir)
         return [i for i, h in self.held.items() if h.action in ("install", "load") and not backoff.waiting(i)]
 
-
-def _wait_for_lock(state_dir: Path) -> None:
-    import fcntl
-
-    fd = os.open(Path(state_dir) / "fix.lock", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    finally:
-        os.close(fd)

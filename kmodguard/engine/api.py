@@ -148,20 +148,35 @@ class Engine:
         acting = [d.id for d in plan.devices if d.action in ("install", "load")]
         record = {"id": (request or {}).get("id"), "requested_by": (request or {}).get("requested_by", "cli"),
                   "devices": acting, "started": started}
+        # the record is written before the lock is let go (the lock nests when the caller, a fix
+        # for a daemon's request, holds it already): whoever takes the lock next sees the record
+        try:
+            lock = state.RemediationLock(self.paths.state_dir).__enter__()
+        except KmodguardError as exc:  # Busy: another fix runs; this one never started
+            self._failed(record, acting, exc)
+            raise
         try:
             report = Remediation(self.paths, self.policy, backend, progress).run(plan)
+            doc = report.as_json()
+            state.record_fix(self.paths.state_dir, {**record, "finished": time.time(),
+                                                    "exit_code": report.exit_code, "report": doc})
         except KmodguardError as exc:
-            backoff = state.Backoff(self.paths.state_dir)
-            for device_id in acting:
-                backoff.failed(device_id, exc.message)
-            backoff.save()
-            state.record_fix(self.paths.state_dir, {**record, "finished": time.time(), "exit_code": int(exc.exit_code),
-                                                    **exc.as_json()})
+            self._failed(record, acting, exc)
             raise
-        doc = report.as_json()
-        state.record_fix(self.paths.state_dir, {**record, "finished": time.time(), "exit_code": report.exit_code,
-                                                "report": doc})
+        finally:
+            lock.__exit__(None, None, None)
         return report.exit_code, doc
+
+    def _failed(self, record: dict, acting: list[str], exc: KmodguardError) -> None:
+        """A fix that failed before its devices were probed: they back off; the failure is recorded."""
+        from . import state
+
+        backoff = state.Backoff(self.paths.state_dir)
+        for device_id in acting:
+            backoff.failed(device_id, exc.message)
+        backoff.save()
+        state.record_fix(self.paths.state_dir, {**record, "finished": time.time(), "exit_code": int(exc.exit_code),
+                                                **exc.as_json()})
 
 
 def device_json(d: Device, v: Verdict) -> dict:

@@ -6,10 +6,17 @@ files only remember what a person or the daemon asked for and how it ended:
 
   STATE_DIR/fix.lock          one remediation at a time (flock; released when its holder dies)
   STATE_DIR/backoff.json      failures per device, so that a failing device is not retried in a storm
-  STATE_DIR/fix-request.json  a fix the daemon asked for; removed when it has run to its end, so a
-                              request still there with the lock free is an interrupted fix to resume
-  STATE_DIR/last-fix.json     the report of the last fix that ran to its end
+  STATE_DIR/fix-request.json  a fix the daemon asked for, pending: no fix has taken it yet
+  STATE_DIR/fix-request.taken.json
+                              the same request once a fix took it: renamed under the fix lock before
+                              the fix acts, and left there until a daemon has reported its end
+  STATE_DIR/last-fix.json     the report of the last fix that ran to its end (written under the lock)
   RUNTIME_DIR/state.json      the daemon's world-readable snapshot (attached to `status` as "daemon")
+
+So a daemon's request is always in exactly one of these states: pending (fix-request.json), being
+run (taken, and the lock is held), done (taken, lock free, last-fix.json carries its id: a daemon
+reports it once, then removes the taken file), or interrupted (taken, lock free, no record of it:
+its fix was killed; a daemon hands it back as pending and runs it once more).
 """
 
 from __future__ import annotations
@@ -28,29 +35,57 @@ BACKOFF_FIRST = 300.0  # seconds after the first failure
 BACKOFF_MAX = 86400.0
 
 
-class RemediationLock:
-    """One remediation at a time, machine-wide (flock on STATE_DIR/fix.lock; released if we die)."""
+# Locks this process holds: lock path -> [fd, depth]. A process that holds the lock and takes
+# it again (the fix takes it to consume its request, then the remediation takes it) nests.
+_HELD: dict[str, list] = {}
 
-    def __init__(self, state_dir: Path):
+
+class RemediationLock:
+    """One remediation at a time, machine-wide (flock on STATE_DIR/fix.lock; released if we die).
+
+    Re-entrant within one process. wait: seconds to wait for another holder before Busy (0: none)."""
+
+    def __init__(self, state_dir: Path, wait: float = 0.0):
         self.path = Path(state_dir) / "fix.lock"
+        self.key = os.path.abspath(self.path)
+        self.wait = wait
         self.fd: int | None = None
 
     def __enter__(self):
+        held = _HELD.get(self.key)
+        if held is not None:
+            held[1] += 1
+            self.fd = held[0]
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise Busy(f"another kmodguard fix is running (pid {holder})",
-                       hint="wait for it to finish; 'kmodguard status' shows its result") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise Busy(f"another kmodguard fix is running (pid {holder})",
+                           hint="wait for it to finish; 'kmodguard status' shows its result") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        _HELD[self.key] = [fd, 1]
         return self
 
     def __exit__(self, *exc):
-        os.close(self.fd)
+        held = _HELD.get(self.key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[self.key]
+            os.close(held[0])
 
 
 class Backoff:
@@ -137,9 +172,20 @@ def read_request(path: Path) -> dict:
     return doc
 
 
+TAKEN_FILE = "fix-request.taken.json"
+
+
 def pending_request(state_dir: Path) -> dict | None:
-    """The request of a fix that did not run to its end, if any."""
-    path = Path(state_dir) / REQUEST_FILE
+    """The request no fix has taken yet, if any."""
+    return _checked(Path(state_dir) / REQUEST_FILE)
+
+
+def taken_request(state_dir: Path) -> dict | None:
+    """The request a fix took (running, done but not yet reported, or interrupted), if any."""
+    return _checked(Path(state_dir) / TAKEN_FILE)
+
+
+def _checked(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
@@ -148,12 +194,50 @@ def pending_request(state_dir: Path) -> dict | None:
         return None
 
 
-def finish_request(state_dir: Path, request_id: str) -> None:
-    """The fix for this request ran to its end: forget the request (only if it is still that one)."""
-    path = Path(state_dir) / REQUEST_FILE
-    current = _read_json(path)
-    if current is not None and current.get("id") == request_id:
+def take_request(state_dir: Path, path: Path) -> dict | None:
+    """Consume the request at `path`: read, check and rename it to STATE_DIR/fix-request.taken.json
+    in one step. Call it holding the RemediationLock, before acting on the request: a request is
+    then pending, or taken by exactly one fix. None: no request there (another fix took it)."""
+    path = Path(path)
+    try:
+        request = read_request(path)
+    except InvalidInput:
+        if not path.exists():
+            return None
+        raise
+    taken = Path(state_dir) / TAKEN_FILE
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(path, taken)
+    except FileNotFoundError:
+        return None
+    except OSError:  # another file system: copy, then remove
+        write_atomic(taken, json.dumps(request, indent=1).encode(), 0o600)
         path.unlink(missing_ok=True)
+    from ..fsutil import fsync_dir
+
+    fsync_dir(taken.parent)
+    return request
+
+
+def requeue(state_dir: Path, request: dict) -> dict:
+    """Hand a taken request whose fix was killed back as pending (same id), marked as a resume.
+    Call it holding the RemediationLock."""
+    requested_by = str(request.get("requested_by"))
+    again = {**request, "requested_by": requested_by if requested_by.startswith("resume of ")
+             else f"resume of {requested_by}"}
+    write_atomic(Path(state_dir) / REQUEST_FILE, json.dumps(again, indent=1).encode(), 0o600)
+    (Path(state_dir) / TAKEN_FILE).unlink(missing_ok=True)
+    return again
+
+
+def finish_request(state_dir: Path, request_id: str) -> None:
+    """The end of this request was reported: forget it, pending or taken (only if it is that one)."""
+    for name in (REQUEST_FILE, TAKEN_FILE):
+        path = Path(state_dir) / name
+        current = _read_json(path)
+        if current is not None and current.get("id") == request_id:
+            path.unlink(missing_ok=True)
 
 
 def record_fix(state_dir: Path, record: dict) -> None:
