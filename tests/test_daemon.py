@@ -221,9 +221,13 @@ def test_journal_gets_structured_fields(indexed, tmp_path, testbed):
     assert e["DEVICE"] == f"{SYSPCI}/0000:00:05.0" and e["MODALIAS"] == GPU
     assert e["PACKAGE"] == "kernel-modules" and e["MODULE"] == "kmg_gpu" and e["KMODGUARD_VERDICT"] == "missing"
     assert e["SYSLOG_IDENTIFIER"] == "kmodguard" and e["PRIORITY"] == "4"  # a warning: someone should look
-    assert "0000:00:05.0 needs a driver" in e["MESSAGE"]
+    # MESSAGE is the text alone: the level is PRIORITY=, the logger LOGGER= (no "WARNING:kmodguard.daemon:")
+    assert e["MESSAGE"].startswith("0000:00:05.0 needs a driver: missing (kmg_gpu in kernel-modules "), e["MESSAGE"]
+    assert e["LOGGER"] == "kmodguard.daemon"
     started_ = [e for e in entries if e.get("MESSAGE_ID") == "e9a8c2903ea14b54998876412b60905f"]
-    assert len(started_) == 1 and "1 device(s) need a driver" in started_[0]["MESSAGE"]
+    assert len(started_) == 1 and started_[0]["MESSAGE"].startswith("watching "), started_
+    assert "1 device(s) need a driver" in started_[0]["MESSAGE"] and started_[0]["PRIORITY"] == "6"
+    assert not [m for m in (x.get("MESSAGE", "") for x in entries) if m.startswith(("INFO:", "WARNING:", "ERROR:"))]
 
 
 # --- authorization ------------------------------------------------------------------------------------

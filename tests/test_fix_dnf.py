@@ -364,6 +364,9 @@ def test_every_step_reaches_the_journal_with_structured_fields(machine):
     assert doc["rc"] == 6
     steps_logged = [e.get("KMODGUARD_STEP") for e in doc["entries"] if "KMODGUARD_STEP" in e]
     assert steps_logged == ["install", "depmod", "load", "probe", "initramfs"]
+    # MESSAGE= is the text alone (the level is PRIORITY=), as `journalctl -u kmodguard-fix` shows it
+    assert [e["MESSAGE"].split(":")[0] for e in doc["entries"] if "KMODGUARD_STEP" in e] == \
+        [f"step {s}" for s in steps_logged]
     assert all(e.get("SYSLOG_IDENTIFIER") == "kmodguard" for e in doc["entries"])
     outcomes = {e["DEVICE"]: e["KMODGUARD_OUTCOME"] for e in doc["entries"] if "KMODGUARD_OUTCOME" in e}
     assert outcomes["/sys/devices/pci0000:00/0000:00:05.0"] == "failed"

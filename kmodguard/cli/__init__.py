@@ -275,8 +275,11 @@ def _setup_logging(verbosity: int, json_lines: bool = False) -> None:
         try:
             from systemd.journal import JournalHandler
 
-            logging.basicConfig(level=min(level, logging.INFO),
-                                handlers=[JournalHandler(SYSLOG_IDENTIFIER="kmodguard")])
+            handler = JournalHandler(SYSLOG_IDENTIFIER="kmodguard")
+            # MESSAGE= is the text alone: the level is PRIORITY=, the logger LOGGER= (basicConfig
+            # would otherwise give the handler its "%(levelname)s:%(name)s:%(message)s")
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logging.basicConfig(level=min(level, logging.INFO), handlers=[handler])
             return
         except ImportError:
             pass
