@@ -35,7 +35,7 @@ def running_kernel() -> str:
     return os.environ.get("KMODGUARD_KVER") or os.uname().release
 
 
-class Paths(NamedTuple):
+class _Fields(NamedTuple):
     kver: str = ""  # "": the running kernel (see from_environment)
     modules_dir: Path | None = None  # None: /lib/modules/KVER
     state_dir: Path = Path("/var/lib/kmodguard")
@@ -59,6 +59,43 @@ class Paths(NamedTuple):
     kmsg: Path = Path("/dev/kmsg")  # the kernel log, for why a driver refused a device
     motd_dir: Path = Path("/run/motd.d")  # the daemon's message of the day fragment (offer mode)
 
+
+# The fields that are one path, and the one that is several; modprobe_dirs stays strings (libkmod's).
+PATH_FIELDS = ("modules_dir", "state_dir", "index_dir", "runtime_dir", "config_dir", "sysfs", "proc", "root",
+               "boot_dir", "dracut_conf_dir", "kmsg", "motd_dir")
+PATH_TUPLE_FIELDS = ("firmware_dirs",)
+
+
+def _coerce(field: str, value):
+    """A path field as a Path whatever a caller handed (dnf gives plugins str paths)."""
+    if value is None:
+        return None
+    if field in PATH_FIELDS:
+        return Path(value)
+    if field in PATH_TUPLE_FIELDS:
+        return tuple(Path(v) for v in value)
+    if field == "modprobe_dirs":
+        return tuple(str(v) for v in value)
+    return value
+
+
+class Paths(_Fields):
+    """Every construction (Paths(...), _replace, from_environment) makes the path fields Paths:
+    code uses the `/` operator on them."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args, **kwargs):
+        raw = _Fields.__new__(cls, *args, **kwargs)
+        return tuple.__new__(cls, [_coerce(f, v) for f, v in zip(cls._fields, raw)])
+
+    @classmethod
+    def _make(cls, iterable):
+        return cls(*iterable)
+
+    def _replace(self, **changes):
+        return type(self)(**{**self._asdict(), **changes})
+
     @classmethod
     def from_environment(cls, env=os.environ, **overrides) -> "Paths":
         """Defaults, then KMODGUARD_* variables, then explicit overrides (options) that are not None."""
@@ -66,14 +103,11 @@ class Paths(NamedTuple):
         for key, var in ENVIRONMENT.items():
             if env.get(var):
                 raw = env[var]
-                if key in ("firmware_dirs", "modprobe_dirs"):
-                    values[key] = tuple(Path(p) if key == "firmware_dirs" else p for p in raw.split(":") if p)
-                else:
-                    values[key] = Path(raw)
-        values.update({k: (Path(v) if k.endswith("_dir") and v is not None else v)
-                       for k, v in overrides.items() if v is not None})
+                values[key] = tuple(p for p in raw.split(":") if p) if key in ("firmware_dirs", "modprobe_dirs") \
+                    else raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
         values.setdefault("kver", running_kernel())
-        return cls(**values)
+        return cls(**values)  # the path fields become Paths there (str from dnf, from options)
 
     def as_environment(self) -> dict[str, str]:
         """The KMODGUARD_* variables that make another kmodguard process see these same paths."""

@@ -187,12 +187,13 @@ def dnf_with_plugin(machine, tmp_path):
     shutil.copy2(REPO / "packaging/dnf-plugin/kmodguard.py", plugindir / "kmodguard.py")
     env = {**kmg.env, "PYTHONPATH": str(REPO), "LC_ALL": "C"}
 
-    def run(*args: str, devices: Path | None = None) -> subprocess.CompletedProcess:
+    def run(*args: str, devices: Path | None = None, without: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         cmd = ["umockdev-run", "--device", str(devices or kmg.umockdev), "--",
                "dnf", "-y", "--installroot", str(root), f"--setopt=pluginpath={plugindir}",
                f"--setopt=pluginconfpath={confdir}", *args]
         # one stream, in the order dnf wrote it (warnings go to stderr, the transaction to stdout)
-        return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        return subprocess.run(cmd, env={k: v for k, v in env.items() if k not in without}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=300)
 
     return run, kmg, root
 
@@ -205,6 +206,17 @@ def test_dnf_plugin_adds_the_modules_package_a_new_kernel_needs(dnf_with_plugin)
     assert f"kmodguard: adding {REQ_NEXT}: it drives 0000:00:05.0" in res.stdout
     assert "kernel-modules-6.1.0-57.fc42" in installed(root)  # in the same transaction
     assert len(history(root)) == before + 1
+
+
+def test_dnf_plugin_takes_the_root_from_dnf(dnf_with_plugin):
+    """As installed, nothing sets KMODGUARD_ROOT: the plugin's root is dnf's installroot, which
+    dnf hands over as a str (Debian's dnf 4 does); kmodguard's paths are Paths all the same."""
+    run, kmg, root = dnf_with_plugin
+    res = run("install", f"kernel-core-uname-r = {KVER_NEXT}", without=("KMODGUARD_ROOT",))
+    assert res.returncode == 0, res.stdout
+    assert "skipped its checks" not in res.stdout, res.stdout
+    assert f"kmodguard: adding {REQ_NEXT}: it drives 0000:00:05.0" in res.stdout
+    assert "kernel-modules-6.1.0-57.fc42" in installed(root)
 
 
 def test_dnf_plugin_adds_nothing_when_no_device_needs_it(dnf_with_plugin, tmp_path):
