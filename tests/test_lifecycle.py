@@ -97,6 +97,68 @@ def test_removal_of_a_package_that_is_not_installed_is_a_clear_error(machine):
     assert res.json["error"]["message"] == "kernel-nonsense is not installed"
 
 
+def _dpkg_status(root: Path, packages: dict[str, list[str]]) -> None:
+    """A dpkg database in ROOT (status and the .list of each package), as a Debian system has."""
+    admin = root / "var/lib/dpkg"
+    (admin / "info").mkdir(parents=True, exist_ok=True)
+    (admin / "updates").mkdir(exist_ok=True)
+    entries = []
+    for name, files in packages.items():
+        entries.append(f"Package: {name}\nStatus: install ok installed\nPriority: optional\nSection: kernel\n"
+                       f"Installed-Size: 12\nMaintainer: kmodguard tests <tests@example.org>\nArchitecture: all\n"
+                       f"Version: 1.0\nDescription: a kmodguard test package\n")
+        (admin / "info" / f"{name}.list").write_text("".join(f"{f}\n" for f in files))
+    (admin / "status").write_text("\n".join(entries))
+
+
+def test_a_root_with_rpm_and_dpkg_databases_asks_rpm_first_then_dpkg(machine):
+    """A Debian root (dpkg status) whose kernel packages rpm installed (the end-to-end guest's
+    case): rpm owns its modules, dpkg what rpm does not know."""
+    kmg, root = machine
+    dkms = f"/lib/modules/{KVER}/updates/dkms/kmg_dkms.ko"
+    (root / dkms.lstrip("/")).parent.mkdir(parents=True)
+    (root / dkms.lstrip("/")).write_bytes(b"\0" * 8192)
+    _dpkg_status(root, {"base-files": ["/etc", "/etc/debian_version"],
+                        "kmg-dkms": ["/lib", "/lib/modules", f"/lib/modules/{KVER}", f"/lib/modules/{KVER}/updates",
+                                     f"/lib/modules/{KVER}/updates/dkms", dkms]})
+    (root / "etc/debian_version").write_text("12.0\n")
+    doc = kmg("check", "--removal", "kernel-modules", "--json", check_code=3).json  # rpm's package files
+    assert doc["loses_driver"] == ["0000:00:05.0"]
+    assert kmg("check", "--removal", "kmg-dkms", check_code=0).stdout.startswith(  # dpkg's package files
+        "kmodguard check: removing kmg-dkms takes no device's driver")
+    kmg("check", "--removal", "kernel-nonsense", check_code=2)  # in neither database
+    doc = kmg("footprint", "--json", check_code=0).json
+    rows = {p["package"]: p for p in doc["packages"]}
+    assert set(rows) == {"kernel-modules-core-6.1.0-56.fc42", "kernel-modules-6.1.0-56.fc42", "kmg-dkms"}
+    assert doc["unowned_modules"] == 0
+    assert rows["kernel-modules-6.1.0-56.fc42"]["devices"] == ["0000:00:05.0"]
+    assert rows["kernel-modules-6.1.0-56.fc42"]["package_bytes"] > 0  # rpm's sizes
+    assert rows["kmg-dkms"]["installed_bytes"] == 12 * 1024 and rows["kmg-dkms"]["package_bytes"] is None  # dpkg's
+
+
+def test_ownership_without_an_rpm_database_asks_dpkg_alone_and_creates_none(tmp_path):
+    from kmodguard.engine import ownership
+
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/debian_version").write_text("12.0\n")
+    (root / "etc/stray").write_text("")
+    _dpkg_status(root, {"base-files": ["/etc", "/etc/debian_version"]})
+    found = ownership.owners([str(root / "etc/debian_version"), str(root / "etc/stray"), str(root / "etc/absent")],
+                             root)
+    assert found == {str(root / "etc/debian_version"): "base-files", str(root / "etc/stray"): None,
+                     str(root / "etc/absent"): None}
+    assert ownership.package_files("base-files", root) == ["/etc", "/etc/debian_version"]
+    assert ownership.sizes(["base-files", "nothing"], root) == {
+        "base-files": {"installed_bytes": 12 * 1024, "package_bytes": None},
+        "nothing": {"installed_bytes": None, "package_bytes": None}}
+    assert sorted(p.name for p in root.iterdir()) == ["etc", "var"]  # rpm made no database here
+    bare = tmp_path / "bare"  # no database at all
+    bare.mkdir()
+    assert ownership.owners([str(bare / "x")], bare) == {str(bare / "x"): None}
+    assert list(bare.iterdir()) == []
+
+
 # --- kmodguard check --kver, index derive, the kernel-install plugin ---------------------------------
 
 def test_a_new_kernel_without_the_modules_package_would_strand_the_gpu(machine):

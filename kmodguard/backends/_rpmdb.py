@@ -31,11 +31,34 @@ def rpm_provides(root: Path, request: str) -> bool:
     return (name, version) in provides if version else any(p[0] == name for p in provides)
 
 
+def _dbpaths() -> list[str]:
+    """Where rpm keeps its database (%_dbpath: /var/lib/rpm, /usr/lib/sysimage/rpm, or ~/.rpmdb on
+    Debian's rpm), as rpm itself says first, then the usual places."""
+    rpm = shutil.which("rpm")
+    found = []
+    if rpm:
+        res = subprocess.run([rpm, "--eval", "%{_dbpath}"], capture_output=True, text=True,
+                             env={**os.environ, "LC_ALL": "C"}, timeout=30)
+        if res.returncode == 0 and res.stdout.startswith("/"):
+            found.append(res.stdout.strip())
+    return list(dict.fromkeys(found + ["/var/lib/rpm", "/usr/lib/sysimage/rpm"]))
+
+
 def rpm_lock_files(root: Path) -> list[Path]:
-    """Where rpm takes its transaction lock: .rpm.lock in rpm's database directory, as rpm itself
-    says (%_dbpath: /var/lib/rpm, /usr/lib/sysimage/rpm, or ~/.rpmdb on Debian's rpm)."""
-    res = subprocess.run([shutil.which("rpm") or "rpm", "--eval", "%{_dbpath}"], capture_output=True, text=True,
-                         env={**os.environ, "LC_ALL": "C"}, timeout=30)
-    dbpaths = {res.stdout.strip()} if res.returncode == 0 and res.stdout.startswith("/") else set()
-    dbpaths |= {"/var/lib/rpm", "/usr/lib/sysimage/rpm"}
-    return [Path(root) / d.lstrip("/") / ".rpm.lock" for d in sorted(dbpaths)]
+    """Where rpm takes its transaction lock: .rpm.lock in rpm's database directory."""
+    return [Path(root) / d.lstrip("/") / ".rpm.lock" for d in sorted(_dbpaths())]
+
+
+DB_FILES = ("rpmdb.sqlite", "Packages.db", "Packages")  # sqlite, ndb, bdb
+
+
+def rpm_database(root: Path) -> str | None:
+    """The directory (as seen inside ROOT, for --dbpath) of ROOT's rpm database when rpm is
+    installed and ROOT has one; None otherwise (rpm is then not asked: asked about a root without
+    a database, it creates an empty one there)."""
+    if not shutil.which("rpm"):
+        return None
+    for d in _dbpaths():
+        if any((Path(root) / d.lstrip("/") / f).is_file() for f in DB_FILES):
+            return d
+    return None
