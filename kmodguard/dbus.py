@@ -102,9 +102,32 @@ async def connect(bus_address: str | None = None, *, system: bool = True):
     return bus
 
 
+def quiet_answered_errors(loop) -> None:
+    """Install a loop exception handler that drops the DBusError a method handler raised once the
+    library has answered the caller with it, and passes everything else on.
+
+    dbus-next's asyncio method dispatch sends a DBusError raised by a method as the error reply,
+    then lets the same exception escape from its reply callback (SendReply.__exit__ drops the
+    "handled" answer of _exit), so the loop's default handler logs "Exception in callback" with a
+    whole traceback for every refused or invalid call: a local user could fill the journal."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop, context):
+        callback = getattr(context.get("handle"), "_callback", None)
+        if isinstance(context.get("exception"), DBusError) and \
+                (getattr(callback, "__module__", None) or "").startswith(_LIB + "."):
+            return  # already the caller's error reply
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 __all__ = [
     "LIBRARY", "BUS_NAME", "INTERFACE", "OBJECT_PATH", "ERROR_PREFIX", "MessageBus", "Message", "Variant", "BusType", "MessageType", "MessageFlag", "NameFlag",
     "RequestNameReply", "PropertyAccess", "ErrorType", "DBusError", "InvalidAddressError", "AuthError",
     "ServiceInterface", "method", "signal", "dbus_property", "IntrospectionNode", "parse_introspection",
-    "connect",
+    "connect", "quiet_answered_errors",
 ]

@@ -282,6 +282,23 @@ def test_unprivileged_callers_read_status_and_are_refused_fix_without_polkit(sta
     res = busctl(bus, "call", *DAEMON, "Reload", user=NOBODY, check=False)
     assert res.returncode != 0 and "polkit is not running" in res.stderr
     assert daemon.snapshot()["fixes"] == 0  # nothing ran
+    # the daemon's log: one short line per refused call (method, caller, why), no traceback
+    _refusals_logged(daemon, [("Fix", "only root may do this here: polkit is not running"),
+                              ("Reload", "only root may do this here: polkit is not running")])
+
+
+def _refusals_logged(daemon, expected: list[tuple[str, str]]) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        refused = [r for r in daemon.log_records() if r["message"].startswith("refused ")]
+        if len(refused) >= len(expected) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(refused) == len(expected), daemon.log_text()
+    for record, (method, why) in zip(refused, expected):
+        assert record["message"].startswith(f"refused {method} from :") and "(uid 65534)" in record["message"]
+        assert why in record["message"] and "\n" not in record["message"] and "exception" not in record
+    assert "Traceback" not in daemon.log_text() and "Exception in callback" not in daemon.log_text()
 
 
 def test_polkit_decides_for_unprivileged_callers(started, public_runtime, bus, tmp_path, unprivileged):
@@ -308,6 +325,8 @@ def test_polkit_decides_for_unprivileged_callers(started, public_runtime, bus, t
         assert record["requested_by"] == "uid 65534" and record["exit_code"] == 0
         # org.kmodguard.reload is a separate action: still refused
         assert busctl(bus, "call", *DAEMON, "Reload", user=NOBODY, check=False).returncode != 0
+        _refusals_logged(daemon, [("Fix", "uid 65534 is not allowed to do this (polkit action org.kmodguard.fix)"),
+                                  ("Reload", "is not allowed to do this (polkit action org.kmodguard.reload)")])
     finally:
         polkit.terminate()
         polkit.wait(10)
@@ -337,6 +356,34 @@ def test_bad_input_over_dbus_gets_a_named_error_and_no_traceback(started, bus, m
     assert reply.message_type == MessageType.ERROR and reply.error_name == f"org.kmodguard.Error.{name}"
     assert daemon.proc.poll() is None  # and the daemon lives on
     assert daemon.snapshot()["fixes"] == 0
+    assert "Traceback" not in daemon.log_text() and "Exception in callback" not in daemon.log_text()
+
+
+def test_the_loop_drops_only_errors_already_answered_on_the_bus():
+    """kmodguard.dbus.quiet_answered_errors: a DBusError escaping dbus-next's own reply callback
+    is dropped (the caller got it as the error reply); anything else reaches the default handler."""
+    import asyncio
+
+    from kmodguard import dbus as D
+
+    loop = asyncio.new_event_loop()
+    seen = []
+    loop.default_exception_handler = lambda context: seen.append(type(context["exception"]).__name__)
+    D.quiet_answered_errors(loop)
+
+    def raising(exc):
+        raise exc
+
+    library_callback = type(raising)(raising.__code__, {"__name__": D.LIBRARY + ".aio.message_bus"}, "done")
+    try:
+        loop.call_soon(library_callback, D.DBusError("org.kmodguard.Error.NotAuthorized", "refused"))
+        loop.call_soon(raising, D.DBusError("org.kmodguard.Error.Failed", "not the library's"))
+        loop.call_soon(raising, RuntimeError("a bug"))
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+    finally:
+        loop.close()
+    assert seen == ["DBusError", "RuntimeError"]
 
 
 def _body(signature, args):

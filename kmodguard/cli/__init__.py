@@ -253,7 +253,11 @@ class _JsonLines:
         doc = {"t": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
                "message": record.getMessage()}
         doc.update({k.lower(): v for k, v in record.__dict__.items() if k.isupper()})
-        return json.dumps(doc, ensure_ascii=True)
+        if record.exc_info:  # a traceback is part of what was logged, as in the journal's MESSAGE
+            import logging
+
+            doc["exception"] = logging.Formatter().formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=True, default=str)
 
 
 def _setup_logging(verbosity: int, json_lines: bool = False) -> None:

@@ -25,8 +25,10 @@ async def _main(paths: Paths, use_bus: bool) -> None:
     daemon = Daemon(paths, config_mod.load(paths.config_dir))
     bus = None
     if use_bus:
+        from ..dbus import quiet_answered_errors
         from .bus import serve
 
+        quiet_answered_errors(asyncio.get_running_loop())  # no traceback per refused call
         bus = await serve(daemon, os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or None)
     try:
         await daemon.run()

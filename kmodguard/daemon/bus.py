@@ -81,13 +81,24 @@ class DaemonInterface(D.ServiceInterface):
         return reply.body
 
     async def authorize(self, action: str) -> str:
-        """Root passes; others ask polkit. Returns who the caller is (for the record)."""
+        """Root passes; others ask polkit. Returns who the caller is (for the record). A refusal is
+        one line in the log (method, caller, why), never a traceback: any local user can call."""
         message = _CALL.get(None)
+        caller = {"uid": None}
+        try:
+            return await self._decide(action, message, caller)
+        except NotAuthorized as exc:
+            log.warning("refused %s from %s (uid %s): %s", message.member if message else "a call",
+                        message.sender if message else "an unknown sender", caller["uid"], exc.message)
+            raise
+
+    async def _decide(self, action: str, message, caller: dict) -> str:
         if message is None:
             raise NotAuthorized("cannot tell who is calling")
         sender = message.sender
         (uid,) = await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                                   "GetConnectionUnixUser", "s", [sender])
+        caller["uid"] = uid
         if uid == 0:
             return "root"
         interactive = bool(message.flags & D.MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
