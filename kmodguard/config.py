@@ -57,7 +57,13 @@ class Config(NamedTuple):
 
     def package_allowed(self, name: str) -> bool:
         """Allow-listed: an exact name, or a listed name followed by -KVER (Ubuntu's linux-modules-extra-KVER)."""
-        return any(name == p or (name.startswith(p + "-") and name[len(p) + 1:][:1].isdigit()) for p in self.packages)
+        return self.allowed_name(name) is not None
+
+    def allowed_name(self, name: str) -> str | None:
+        """The allow-list entry that admits `name` (the name itself, or NAME of NAME-KVER), or None."""
+        if name in self.packages:
+            return name
+        return next((p for p in self.packages if name.startswith(p + "-") and name[len(p) + 1:][:1].isdigit()), None)
 
 
 def _strings(where: str, value) -> tuple[str, ...]:

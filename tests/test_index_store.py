@@ -146,3 +146,25 @@ def test_remove(indexed, world):
     doc = indexed("index", "show", "--json", "--kver", world.kver, check_code=0).json
     assert [p["package"] for p in doc["packages"]] == ["kernel-modules"]
     assert indexed("index", "remove", "--kver", world.kver, "kernel-modules-extra").returncode == 2
+
+
+def test_derive_spells_the_new_kernel_as_the_package_manager_spells_the_old(kmodguard, world):
+    """Debian's kernel release 6.1.0-kmg1-amd64 cannot be an RPM version: its RPMs provide
+    kernel-modules-uname-r = 6.1.0-kmg1.amd64. The request derived for the next kernel is built
+    from the allow-listed package name and NEW spelled alike, not NEW as uname prints it; a
+    Debian package carries the kernel in its name; a package not allow-listed gets none."""
+    old, new = world.kver, world.kver.replace("kmg1", "kmg2")
+    assert old == "6.1.0-kmg1-amd64"
+    payload = str(world.packages["kernel-modules"])
+    for package, version, request in [
+            ("kernel-modules", "6.1.0-kmg1", "kernel-modules-uname-r = 6.1.0-kmg1.amd64"),
+            (f"linux-modules-extra-{old}", f"{old}.1", f"linux-modules-extra-{old}"),
+            ("kmg-vendor-modules", "1.0", f"kmg-vendor-modules-uname-r = {old}")]:
+        kmodguard("index", "build", "--kver", old, "--package", package, "--version", version, "--request", request,
+                  "--from-dir", payload, check_code=0)
+    doc = kmodguard("index", "derive", "--kver", new, "--from-kver", old, "--json", check_code=0).json
+    built = {p["package"]: (p["request"], p["version"]) for p in doc["built"]}
+    assert built == {"kernel-modules": ("kernel-modules-uname-r = 6.1.0-kmg2.amd64", "6.1.0-kmg2"),
+                     f"linux-modules-extra-{new}": (f"linux-modules-extra-{new}", "unknown")}
+    shown = kmodguard("index", "show", "--kver", new, "--json", check_code=0).json
+    assert {p["package"]: p["request"] for p in shown["packages"]} == {k: v[0] for k, v in built.items()}

@@ -231,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     derive = isub.add_parser("derive", help="prepare a new kernel's index from the running kernel's", parents=[common],
                              formatter_class=fmt, epilog=EXIT_CODES, description=textwrap.dedent("""\
         Give kernel --kver an index made from another kernel's (--from-kver, default: the running
-        kernel), for every package that has none yet: the same modules and aliases are assumed, the
-        request names the new kernel ('kernel-modules-uname-r = NEW'). The kernel-install plugin
+        kernel), for every allow-listed package that has none yet: the same modules and aliases are
+        assumed, the request names the new kernel ('kernel-modules-uname-r = NEW', NEW spelled as
+        the old request spells the old kernel: 6.1.0-57.amd64 for Debian's 6.1.0-57-amd64 when
+        the old one said 6.1.0-56.amd64; linux-modules-extra-NEW on Debian). The kernel-install plugin
         runs this when a kernel is added, so that the machine is covered from its first boot into
         it; 'kmodguard index fetch' or 'index build' later replace it with the real thing."""))
     derive.add_argument("--from-kver", metavar="OLD", default=None, help="the kernel whose index to start from")

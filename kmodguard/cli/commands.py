@@ -296,7 +296,9 @@ def index_derive(args) -> int:
     old = args.from_kver or running_kernel()
     if old == paths.kver:
         raise InvalidInput(f"--kver {paths.kver} is the kernel to derive from: name the new kernel with --kver")
-    made = derive(paths.index_root, old, paths.kver)
+    from .. import config as config_mod
+
+    made = derive(paths.index_root, old, paths.kver, policy=config_mod.load(paths.config_dir))
     if args.json:
         emit_json({"kernel": paths.kver, "derived_from": old, "built": [p.summary() for p in made]})
     elif made:

@@ -87,7 +87,8 @@ def fetch(engine, kver: str, progress: Callable[[str], None], *, download: bool 
         source = _source_index(paths.index_root, kver, name, modules) if modules else None
         if source is not None:
             made = build.derive(paths.index_root, source.kver, kver, only_modules={name: modules},
-                                versions={name: version} if version else None, packages=[name], replace=True)
+                                versions={name: version} if version else None, packages=[name], replace=True,
+                                policy=engine.policy)
             if made:
                 progress(f"{name}: {len(modules)} modules known from kernel {source.kver}'s index: no download")
                 done.append({**made[0].summary(), "how": "repository provides", "from_kernel": source.kver})
