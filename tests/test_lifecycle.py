@@ -186,7 +186,90 @@ def test_a_new_kernel_without_the_modules_package_would_strand_the_gpu(machine):
     assert "keeps one (2 checked)" in kmg("check", "--kver", KVER_NEXT, check_code=0).stdout
 
 
-def kernel_install(kmg, root: Path, tmp_path: Path, kver: str, extra_env: dict | None = None):
+def _dracut(root: Path, kver: str, tmp_path: Path, add_drivers: str = "") -> tuple[Path, str]:
+    """kernel KVER's initramfs as the real dracut makes it from KVER's installed modules, with a
+    dracut.conf.d that holds kmodguard's drop-in when add_drivers is given (host-only off: only
+    what is asked for goes in). Returns (image, what dracut said)."""
+    confdir = tmp_path / f"dracut.conf.d-{len(list(tmp_path.glob('dracut.conf.d-*')))}"
+    confdir.mkdir()
+    if add_drivers:
+        (confdir / "90-kmodguard.conf").write_text(f'add_drivers+=" {add_drivers} "\n')
+    (tmp_path / "dracut-tmp").mkdir(exist_ok=True)
+    image = root / "boot" / f"initramfs-{kver}.img"
+    image.parent.mkdir(exist_ok=True)
+    res = subprocess.run(["dracut", "--kver", kver, "-k", str(root / "lib/modules" / kver), "--conf", "/dev/null",
+                          "--confdir", str(confdir), "--tmpdir", str(tmp_path / "dracut-tmp"), "--no-hostonly",
+                          "-m", "base", "--no-early-microcode", "--compress", "cat", "--force", str(image)],
+                         capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr  # dracut exits 0 even when a driver is missing
+    return image, res.stdout + res.stderr
+
+
+def test_check_kver_is_loud_when_the_new_initramfs_lacks_a_driver_needed_at_boot(machine, tmp_path):
+    """The root comes over the network through the NIC (kmg_core_nic, in kernel-modules-core):
+    NEXT's initramfs must hold that driver. When it does not (an image built without it; or the
+    drop-in names it, NEXT's tree lacks it, and dracut only says 'Failed to find module'), check
+    --kver says so: exit 3, initramfs.lacks_driver, a warning naming device, module and kernel
+    (in the journal with --notify), and the MOTD."""
+    from journal import JOURNAL_CATCHER
+
+    kmg, root = machine
+    nic = pci("0000:00:03.0", NIC, "kmg_core_nic").replace("\n\n", "\nA: class=0x020000\n\n")
+    kmg = dataclasses.replace(kmg).with_devices(nic + pci("0000:00:05.0", GPU, "kmg_gpu"), tmp_path)
+    (Path(kmg.env["KMODGUARD_PROC"]) / "cmdline").write_text("root=nfs4:10.0.0.1:/export/root ip=dhcp rw\n")
+    add_next_kernel(root)
+    assert dnf(root, "install", REQ_NEXT).returncode == 0  # no device loses its driver in NEXT's tree
+    subprocess.run(["depmod", "-b", str(root), KVER_NEXT], check=True)
+
+    # 1. an image without the NIC's driver
+    image, _ = _dracut(root, KVER_NEXT, tmp_path)
+    doc = kmg("check", "--kver", KVER_NEXT, "--json", check_code=3).json
+    assert doc["loses_driver"] == []
+    init = doc["initramfs"]
+    assert init["checked"] and init["image"] == str(image) and init["lacks_driver"] == ["0000:00:03.0"]
+    (dev,) = init["devices"]
+    assert dev["module"] == "kmg_core_nic" and dev["in_image"] == [] and "root comes over the network" in \
+        dev["needed_because"]
+    res = kmg("check", "--kver", KVER_NEXT, check_code=3)
+    assert (f"WARNING: the initramfs of kernel {KVER_NEXT} ({image}) lacks kmg_core_nic, the driver of 0000:00:03.0"
+            in res.stdout), res.stdout
+    assert f"lacks kmg_core_nic, the driver of 0000:00:03.0" in res.stderr  # the log's warning
+
+    # 2. kmodguard's drop-in puts it in: quiet, checked
+    given = tmp_path / "initrd-given"
+    shutil.copy2(image, given)
+    _dracut(root, KVER_NEXT, tmp_path, add_drivers="kmg_core_nic")
+    doc = kmg("check", "--kver", KVER_NEXT, "--json", check_code=0).json
+    assert doc["initramfs"]["checked"] and doc["initramfs"]["lacks_driver"] == []
+    assert doc["initramfs"]["devices"][0]["in_image"] == ["kmg_core_nic"]
+    # the kernel-install plugin reads the initramfs kernel-install hands it (an INITRD argument)
+    res = kernel_install(kmg, root, tmp_path, KVER_NEXT, initrd=given)
+    assert res.returncode == 0 and f"({given}) lacks kmg_core_nic, the driver of 0000:00:03.0" in res.stdout, \
+        res.stdout + res.stderr
+
+    # 3. NEXT's tree lacks the module the drop-in names: dracut says so, exits 0, and the image lacks it
+    for ko in (root / "lib/modules" / KVER_NEXT).rglob("kmg_core_nic.ko*"):
+        ko.unlink()
+    subprocess.run(["depmod", "-b", str(root), KVER_NEXT], check=True)
+    _, said = _dracut(root, KVER_NEXT, tmp_path, add_drivers="kmg_core_nic")
+    assert "kmg_core_nic" in said and "Failed" in said, said
+    cmd = ["unshare", "-m", "--propagation", "private", sys.executable, "-c", JOURNAL_CATCHER,
+           "umockdev-run", "--device", str(kmg.umockdev), "--", sys.executable, "-m", "kmodguard",
+           "check", "--kver", KVER_NEXT, "--notify", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=kmg.env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    caught = json.loads(out.stdout)
+    assert caught["rc"] == 3
+    (entry,) = [e for e in caught["entries"] if e.get("MESSAGE_ID") == "1e8150f94bc64906ac691f12b369fc7f"]
+    assert entry["PRIORITY"] == "4" and entry["SYSLOG_IDENTIFIER"] == "kmodguard"
+    assert entry["MODULE"] == "kmg_core_nic" and entry["DEVICE"] == "/sys/devices/pci0000:00/0000:00:03.0"
+    assert entry["KMODGUARD_KERNEL"] == KVER_NEXT and KVER_NEXT in entry["MESSAGE"]
+    motd = (Path(kmg.env["KMODGUARD_MOTD_DIR"]) / "kmodguard-kernel").read_text()
+    assert f"WARNING: the initramfs of kernel {KVER_NEXT}" in motd and "0000:00:03.0" in motd
+
+
+def kernel_install(kmg, root: Path, tmp_path: Path, kver: str, extra_env: dict | None = None,
+                   initrd: Path | None = None):
     """Debian's real kernel-install, with only kmodguard's plugin and a boot directory of the test."""
     boot = tmp_path / "boot"
     boot.mkdir(exist_ok=True)
@@ -199,7 +282,8 @@ def kernel_install(kmg, root: Path, tmp_path: Path, kver: str, extra_env: dict |
     env = {**kmg.env, "KERNEL_INSTALL_PLUGINS": str(plugin), "BOOT_ROOT": str(boot),
            "KERNEL_INSTALL_MACHINE_ID": "0123456789abcdef0123456789abcdef",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(extra_env or {})}
-    cmd = ["umockdev-run", "--device", str(kmg.umockdev), "--", "kernel-install", "add", kver, str(image)]
+    cmd = ["umockdev-run", "--device", str(kmg.umockdev), "--", "kernel-install", "add", kver, str(image),
+           *([str(initrd)] if initrd else [])]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
 

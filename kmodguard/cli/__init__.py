@@ -140,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
         --kver NEW: judge this machine's devices under kernel NEW's installed modules and index:
         exit 3 when a device that has a driver now would have none (and name the package that
-        would give it one). The kernel-install plugin runs this for every kernel added.
+        would give it one), or when a device needed to mount the root (it backs /, /usr or the
+        resume device, or carries a network root) has no driver inside NEW's initramfs (read with
+        lsinitrd; --initramfs IMAGE, else BOOT/initramfs-NEW.img or initrd.img-NEW): a warning in
+        the journal names device, module and kernel, and the JSON has initramfs.lacks_driver
+        (initramfs.checked false and initramfs.reason when there was no image to read). The
+        kernel-install plugin runs this for every kernel added.
 
         --removal PACKAGE...: which devices would lose their driver if these packages were removed
         (every installed module that matches them lives in those packages). Exit 3 when some would.
@@ -151,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="act as the policy's mode says (offer: journal, MOTD; auto: fix)")
     check.add_argument("--notify", action="store_true", default=False,
                        help="with --kver: also tell the journal and the MOTD (/run/motd.d/kmodguard-kernel)")
+    check.add_argument("--initramfs", metavar="IMAGE", default=None,
+                       help="with --kver: the new kernel's initramfs to read (default: where that kernel's lives)")
     check.set_defaults(func="check")
 
     config = command("config", "the policy in /etc/kmodguard", """\

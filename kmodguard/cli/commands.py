@@ -520,6 +520,8 @@ def check(args) -> int:
         raise InvalidInput("--removal judges the running kernel's devices; it does not go with --kver")
     if args.apply_policy and (args.removal or (args.kver and args.kver != running_kernel())):
         raise InvalidInput("--apply-policy acts on the machine as it is now: not with --removal or another --kver")
+    if args.initramfs and not (args.kver and args.kver != running_kernel()):
+        raise InvalidInput("--initramfs names a new kernel's image: it goes with --kver NEW")
     if args.removal:
         return _check_removal(args, paths, enumerate_devices())
     if args.kver and args.kver != running_kernel():
@@ -602,14 +604,45 @@ def _check_kernel(args, paths, devices) -> int:
     new = Engine(paths, now.policy, now.env._replace(
         modules_dir=paths.installed_modules,
         modules_dir_present=(paths.installed_modules / "modules.dep.bin").exists()))
-    doc = kernel_change(now, new, devices)
+    doc = kernel_change(now, new, devices, args.initramfs)
+    _warn_initramfs(doc, args.notify)
     if args.notify:
         _notify_kernel_change(paths, doc)
     if args.json:
         emit_json(doc)
     else:
         _print_kernel_change(doc)
-    return ExitCode.ACTION_NEEDED if doc["loses_driver"] else ExitCode.OK
+    return ExitCode.ACTION_NEEDED if doc["loses_driver"] or doc["initramfs"]["lacks_driver"] else ExitCode.OK
+
+
+def _warn_initramfs(doc, notify: bool) -> None:
+    """A warning in the journal for each device needed at boot whose driver the new kernel's
+    initramfs lacks, naming the device, the module and the kernel (MESSAGE_ID initramfs-lacks-driver).
+    Under systemd (JOURNAL_STREAM) through the log; otherwise, with --notify (the kernel-install
+    plugin, whose output is the package manager's, not the journal's), sent to the journal
+    directly; and always on stderr when there is no journal to take it."""
+    import logging
+
+    from ..daemon.systemd import fields
+
+    init = doc["initramfs"]
+    log = logging.getLogger("kmodguard.check")
+    for d in init["devices"]:
+        if d["id"] not in init["lacks_driver"]:
+            continue
+        message = (f"the initramfs of kernel {init['kernel']} ({init['image']}) lacks {d['module']}, the driver of "
+                   f"{d['id']} ({d['needed_because']}): kernel {init['kernel']} may not mount its root")
+        extra = fields("initramfs-lacks-driver", device=d["syspath"], module=d["module"],
+                       kmodguard_kernel=init["kernel"], kmodguard_initramfs=init["image"])
+        if os.environ.get("JOURNAL_STREAM") or not notify:
+            log.warning(message, extra=extra)
+            continue
+        try:
+            from systemd import journal
+
+            journal.send(message, PRIORITY="4", SYSLOG_IDENTIFIER="kmodguard", **extra)
+        except (ImportError, OSError):
+            log.warning(message, extra=extra)
 
 
 def _notify_kernel_change(paths, doc) -> None:
@@ -620,8 +653,13 @@ def _notify_kernel_change(paths, doc) -> None:
 
     lost = [d for d in doc["devices"] if d["loses_driver"]]
     path = paths.motd_dir / "kmodguard-kernel"
+    init = doc["initramfs"]
+    boot = (f"kmodguard: WARNING: the initramfs of kernel {doc['kernel']} ({init['image']}) lacks the driver of "
+            f"{', '.join(init['lacks_driver'])}, needed to mount the root: rebuild it before rebooting "
+            f"(dracut -f --kver {doc['kernel']}) once the driver is installed for that kernel.\n"
+            if init["lacks_driver"] else "")
     if not lost:
-        write_motd(path, None)
+        write_motd(path, boot or None)
         return
     log = logging.getLogger("kmodguard.check")
     for d in lost:
@@ -632,7 +670,7 @@ def _notify_kernel_change(paths, doc) -> None:
             f"{', '.join(d['id'] for d in lost[:6])}{' ...' if len(lost) > 6 else ''}.\n"
             + (f"Install before rebooting into it: {requests}\n" if requests else
                f"Run 'kmodguard check --kver {doc['kernel']}' for details.\n"))
-    write_motd(path, text)
+    write_motd(path, text + boot)
 
 
 def _print_kernel_change(doc) -> None:
@@ -640,6 +678,14 @@ def _print_kernel_change(doc) -> None:
     if not doc["environment"]["modules_dir_present"]:
         print(f"Note: kernel {kver} has no module tree at {doc['environment']['modules_dir']} (not installed yet?): "
               "only built-in drivers and the index can be asked.")
+    init = doc["initramfs"]
+    for d in init["devices"]:
+        if d["id"] in init["lacks_driver"]:
+            print(f"WARNING: the initramfs of kernel {kver} ({init['image']}) lacks {safe(d['module'])}, the driver "
+                  f"of {safe(d['id'], 60)} ({safe(d['needed_because'])}): kernel {kver} may not mount its root. "
+                  f"Install the driver for {kver}, then: dracut -f --kver {kver}")
+    if not init["checked"] and init["needed_at_boot"]:
+        print(f"Note: the initramfs of kernel {kver} was not checked: {safe(init['reason'])}")
     if not lost:
         print(f"kmodguard check: under kernel {kver}, every device that has a driver now keeps one "
               f"({len(doc['devices'])} checked)")

@@ -19,6 +19,8 @@ MESSAGE_IDS = {
     "fix-finished": "d122649fd7854f629fea458b7bce3c1e",
     "started": "e9a8c2903ea14b54998876412b60905f",  # the daemon judged the devices at start (coldplug)
     "unindexed": "5286700606504ef88575b02c65f313d2",  # a device kmodguard cannot judge: no index
+    # a new kernel's initramfs lacks the driver of a device needed to mount the root (check --kver)
+    "initramfs-lacks-driver": "1e8150f94bc64906ac691f12b369fc7f",
 }
 
 try:

@@ -65,15 +65,20 @@ def removal(engine: Engine, devices: list[Device], packages: list[str]) -> dict:
             "loses_driver": [d["id"] for d in report if d["loses_driver"]]}
 
 
-def kernel_change(now: Engine, new: Engine, devices: list[Device]) -> dict:
+def kernel_change(now: Engine, new: Engine, devices: list[Device], initramfs_image=None) -> dict:
     """Each device that has (or could have) a driver now, judged under the new kernel's installed
-    modules and index: does it keep a driver, and if not, which package would give it one?"""
+    modules and index: does it keep a driver, and if not, which package would give it one? And
+    is the driver of each device needed before the real root is mounted inside the new kernel's
+    initramfs (initramfs_image, else where that kernel's image lives)? See initramfs_check."""
     report, install = [], {}
-    for dep in dependents(now, devices):
+    deps = dependents(now, devices)
+    afters = {}
+    for dep in deps:
         try:
             after = new.diagnoser.explain(dep.device.modalias)
         except InvalidInput:
             continue
+        afters[dep.device.id] = after
         keeps = after.verdict == "loadable"  # an installed (or built-in) module of the new kernel matches
         entry = {**device_json(dep.device, dep.now), "verdict_after": after.verdict, "reason_after": after.reason,
                  "candidates_after": [c.as_json() for c in after.candidates], "loses_driver": not keeps}
@@ -83,9 +88,69 @@ def kernel_change(now: Engine, new: Engine, devices: list[Device]) -> dict:
             install.setdefault(c.request, {"package": c.package, "version": c.version, "request": c.request})
     return {"kernel": new.paths.kver, "running": now.paths.kver, "devices": report,
             "loses_driver": [d["id"] for d in report if d["loses_driver"]], "install": list(install.values()),
+            "initramfs": initramfs_check(now, new, deps, afters, initramfs_image),
             "environment": {"modules_dir": str(new.paths.installed_modules),
                             "modules_dir_present": new.env.modules_dir_present,
                             "index": new.index_json()}}
+
+
+def initramfs_check(now: Engine, new: Engine, deps: list[Dependent], afters: dict[str, Verdict],
+                    image=None) -> dict:
+    """For each device needed before the real root is mounted (initramfs.boot_critical, judged on
+    this machine now): is a module that drives it inside the new kernel's initramfs?
+
+    dracut only prints "Failed to find module X" and exits 0 when a driver it was told to add
+    (add_drivers+=, kmodguard's drop-in included) is not in the new kernel's tree, and a host-only
+    image built elsewhere may simply lack it: the new kernel then cannot mount its root. So the
+    image is read (lsinitrd) and every such device is named in "lacks_driver". "checked" is False,
+    with the reason, when there is nothing to read (no image yet, a unified kernel image)."""
+    from pathlib import Path
+
+    from .. import initramfs
+    from ..errors import KmodguardError
+
+    kver = new.paths.kver
+    image = Path(image) if image else initramfs.image_path(kver, new.paths)
+    doc = {"kernel": kver, "image": str(image), "checked": False, "reason": None, "needed_at_boot": [],
+           "devices": [], "lacks_driver": []}
+    builtin = initramfs._builtin(new.paths)
+    critical = []
+    for dep in deps:
+        why = initramfs.boot_critical(dep.device.syspath, now.paths)
+        if not why:
+            continue
+        after = afters.get(dep.device.id)
+        names = list(after.installed_modules) if after is not None and after.installed_modules else \
+            [name for name, _ in dep.modules]
+        if (after is not None and after.builtin) or any(initramfs._norm(n) in builtin for n in names):
+            continue  # built into the new kernel: no initramfs needed for it
+        driver = initramfs._norm(dep.device.driver or "")
+        names.sort(key=lambda n: initramfs._norm(n) != driver)  # the module bound now first
+        critical.append((dep, why, names))
+    doc["needed_at_boot"] = [dep.device.id for dep, _, _ in critical]
+    if not critical:
+        doc["reason"] = "no device with a loadable driver is needed before the real root is mounted"
+        return doc
+    why_not = initramfs.unsupported(new.paths)
+    if why_not and not image.is_file():
+        doc["reason"] = why_not
+        return doc
+    if not image.is_file():
+        doc["reason"] = f"there is no initramfs at {image} (yet)"
+        return doc
+    try:
+        inside = initramfs.image_modules(image)
+    except KmodguardError as exc:
+        doc["reason"] = f"cannot read {image}: {exc.message}"
+        return doc
+    doc["checked"] = True
+    for dep, why, names in critical:
+        present = [n for n in names if initramfs._norm(n) in inside]
+        doc["devices"].append({"id": dep.device.id, "syspath": dep.device.syspath, "needed_because": why,
+                               "modules": names, "in_image": present, "module": (present or names or [None])[0]})
+        if names and not present:
+            doc["lacks_driver"].append(dep.device.id)
+    return doc
 
 
 def driver_packages(engine: Engine, devices: list[Device]) -> dict[str, list[str]]:
