@@ -104,6 +104,12 @@ def test_the_policy_each_example_writes_is_accepted_by_kmodguard(example, tmp_pa
     if example == "auto-fix-gpus.yaml":
         assert policy.auto_buses == ("pci",) and policy.initramfs == "never"
         assert set(policy.packages) <= set(config.DEFAULT_PACKAGES)  # no wider than the default allow-list
+        assert "nouveau" in policy.ignore.modules
+    # a list in a drop-in replaces the default one: an example that sets one keeps the defaults
+    # (the q35 noise pcspkr and lpc_ich, the CPU subsystem)
+    for field in config.Ignore._fields:
+        dropped = set(getattr(config.Ignore(), field)) - set(getattr(policy.ignore, field))
+        assert not dropped, f"{example}: ignore.{field} drops the defaults {sorted(dropped)}"
 
 
 @pytest.mark.parametrize("text, key, allowed", [
