@@ -637,3 +637,49 @@ def test_a_storm_of_signals_does_not_cut_the_daemon_off_the_bus(started, testbed
         client.wait_signal("DeviceNeedsDriver", lambda b: b[0] == vf, timeout=30)
     reply = client.call("GetStatus", timeout=30)  # and it still answers
     assert len(json.loads(reply.body[0])["daemon"]["needs_driver"]) == 256
+
+
+# --- bounds: what any local user sends, what the daemon answers -------------------------------
+
+def test_calls_are_bounded_and_errors_do_not_echo_the_input(started):
+    """At most 4,096 strings of at most 4 KiB per call; beyond that InvalidInput with a short
+    message; the largest call allowed gets a reply the bus carries (75,000 modaliases once made a
+    reply over the bus's 32 MiB limit and the bus cut the daemon off)."""
+    from dbus_next import MessageType
+
+    daemon, client = started()
+    for member, signature, body in [
+        ("Explain", "as", [[GPU] * 75_000]),
+        ("Explain", "as", [[GPU] * 4097]),
+        ("Plan", "asa{sv}", [["0000:00:05.0"] * 4097, {}]),
+        ("Fix", "asa{sv}", [["0000:00:05.0"] * 4097, {}]),
+        ("Explain", "as", [["pci:\x1b[2J" + "x" * 100_000]]),
+        ("Plan", "asa{sv}", [["\x1b]0;" + "y" * 100_000], {}]),
+    ]:
+        reply = client.call(member, signature, body, timeout=60)
+        assert reply.message_type == MessageType.ERROR, (member, reply.body)
+        assert reply.error_name == "org.kmodguard.Error.InvalidInput"
+        message = reply.body[0]
+        assert len(message) < 1100 and "x" * 100 not in message and "y" * 100 not in message, message
+        assert "\x1b" not in message and "at most 4096" in message, message
+    from dbus_next import Variant
+
+    reply = client.call("Plan", "asa{sv}", [[], {"backend": Variant("s", "z" * 5000)}], timeout=60)
+    assert reply.error_name == "org.kmodguard.Error.InvalidInput" and len(reply.body[0]) < 1100
+    # the largest call allowed is answered, and the daemon is still on the bus afterwards
+    reply = client.call("Explain", "as", [[GPU] * 4096], timeout=120)
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    assert len(json.loads(reply.body[0])["results"]) == 4096
+    assert client.call("GetStatus").message_type == MessageType.METHOD_RETURN
+    assert daemon.proc.poll() is None and client.get_property("Mode") == "offer"
+
+
+def test_a_daemon_that_loses_the_bus_exits_non_zero_with_one_line(started, bus):
+    """Without its name it serves nobody: it exits, and systemd (Restart=on-failure) restarts it."""
+    daemon, client = started()
+    bus.stop()
+    rc = daemon.proc.wait(30)
+    assert rc != 0
+    lost = [r for r in daemon.log_records() if "lost the system bus" in r["message"]]
+    assert len(lost) == 1, daemon.log_text()
+    assert "Traceback" not in daemon.log_text()

@@ -19,7 +19,10 @@ from ..paths import Paths
 log = logging.getLogger("kmodguard.daemon")
 
 
-async def _main(paths: Paths, use_bus: bool) -> None:
+EXIT_LOST_BUS = 1  # non-zero: systemd's Restart=on-failure starts a daemon that owns the name again
+
+
+async def _main(paths: Paths, use_bus: bool) -> int:
     from .service import Daemon
 
     daemon = Daemon(paths, config_mod.load(paths.config_dir))
@@ -30,15 +33,34 @@ async def _main(paths: Paths, use_bus: bool) -> None:
 
         quiet_answered_errors(asyncio.get_running_loop())  # no traceback per refused call
         bus = await serve(daemon, os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or None)
+    lost = []
+    watcher = None
+    if bus is not None:
+        async def watch_bus() -> None:
+            # The bus may drop the daemon (a reply over its message limit, dbus-daemon restarted):
+            # a daemon without its name serves nobody, so it exits and is restarted.
+            try:
+                await bus.wait_for_disconnect()
+                why = "the bus closed the connection"
+            except Exception as exc:  # dbus-next raises what cut the connection
+                why = f"{type(exc).__name__}: {exc}"[:200] or type(exc).__name__
+            lost.append(why)
+            log.error("lost the system bus connection (%s): exiting so that the service manager restarts kmodguard",
+                      why)
+            daemon.stop()
+
+        watcher = asyncio.get_running_loop().create_task(watch_bus())
     try:
         await daemon.run()
     finally:
-        if bus is not None:
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+        if bus is not None and not lost:
             bus.disconnect()
+    return EXIT_LOST_BUS if lost else 0
 
 
 def run(paths: Paths, use_bus: bool = True) -> int:
     paths.runtime_dir.mkdir(parents=True, exist_ok=True)
     paths.state_dir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(_main(paths, use_bus))
-    return 0
+    return asyncio.run(_main(paths, use_bus))

@@ -16,7 +16,7 @@ import json
 import logging
 
 from .. import dbus as D
-from ..errors import KmodguardError, NotAuthorized
+from ..errors import InvalidInput, KmodguardError, NotAuthorized
 from .service import Daemon, Held, Publisher
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,15 @@ POLKIT = ("org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority",
 POLKIT_TIMEOUT = 120.0  # an authentication dialog may take a person a while
 ALLOW_USER_INTERACTION = 1
 
+# Bounds on what any local user may send and what the daemon sends back: a reply larger than the
+# bus's message limit (32 MiB for dbus-daemon) makes the bus drop the daemon's connection.
+MAX_ITEMS = 4096  # modaliases or device ids per Explain, Plan or Fix call
+MAX_STRING = 4096  # bytes per string (the kernel never writes a longer modalias)
+MAX_OPTIONS = 64  # keys in an a{sv} of options
+MAX_REPLY = 8 * 1024 * 1024  # bytes of JSON per reply, well under the bus limit
+MAX_MESSAGE = 1024  # characters of an error message sent back (it may quote the caller's input)
+QUOTE = 64  # characters of a caller's string quoted in an error message
+
 # The method call being served: dbus-next hands a method its arguments only, so a message
 # handler that runs just before the dispatch records the call (asyncio tasks copy the context).
 _CALL: contextvars.ContextVar = contextvars.ContextVar("kmodguard_dbus_call")
@@ -38,6 +47,36 @@ def _remember_call(message) -> None:
     if message.message_type == D.MessageType.METHOD_CALL and message.interface == INTERFACE:
         _CALL.set(message)
     return None  # not handled: dbus-next dispatches it to the interface
+
+
+def _quote(text: str) -> str:
+    """A caller's string as an error message quotes it: bounded, control characters escaped."""
+    shown = text[:QUOTE].encode("unicode_escape").decode("ascii")
+    return repr(shown) + (f"... ({len(text.encode('utf-8', 'replace'))} bytes)" if len(text) > QUOTE else "")
+
+
+def _bounded_message(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "... (message truncated)"
+
+
+def _strings(values, what: str) -> list[str]:
+    """The caller's list of strings, refused (InvalidInput) beyond MAX_ITEMS or MAX_STRING bytes."""
+    values = list(values)
+    if len(values) > MAX_ITEMS:
+        raise InvalidInput(f"{len(values)} {what} in one call: at most {MAX_ITEMS}")
+    for i, value in enumerate(values):
+        size = len(value.encode("utf-8", "replace"))
+        if size > MAX_STRING:
+            raise InvalidInput(f"{what} {i + 1} ({_quote(value)}) is {size} bytes: at most {MAX_STRING} "
+                               f"bytes per string (the kernel never writes more than {MAX_STRING})")
+    return values
+
+
+def _reply(document) -> str:
+    text = json.dumps(document)
+    if len(text) > MAX_REPLY:
+        raise KmodguardError(f"the reply would be {len(text)} bytes: at most {MAX_REPLY}; ask about fewer devices")
+    return text
 
 
 def _funnel(fn):
@@ -50,7 +89,7 @@ def _funnel(fn):
         except D.DBusError:
             raise
         except KmodguardError as exc:
-            raise D.DBusError(ERROR_PREFIX + exc.name, str(exc)) from None
+            raise D.DBusError(ERROR_PREFIX + exc.name, _bounded_message(str(exc))) from None
         except Exception:
             log.exception("D-Bus method %s failed", fn.__name__)
             raise D.DBusError(ERROR_PREFIX + "Failed",
@@ -61,7 +100,18 @@ def _funnel(fn):
 
 def _options(options: dict) -> dict:
     """a{sv} to plain values; the configuration schema validates them (config.with_overrides)."""
-    return {key: value.value for key, value in options.items()}
+    if len(options) > MAX_OPTIONS:
+        raise InvalidInput(f"{len(options)} options in one call: at most {MAX_OPTIONS}")
+    out = {}
+    for key, value in options.items():
+        _strings([key], "option name")
+        plain = value.value
+        if isinstance(plain, str):
+            _strings([plain], f"option {_quote(key)}")
+        elif not isinstance(plain, (bool, int, float)):
+            raise InvalidInput(f"option {_quote(key)} must be a string, a number or a boolean")
+        out[key] = plain
+    return out
 
 
 class DaemonInterface(D.ServiceInterface):
@@ -123,31 +173,32 @@ class DaemonInterface(D.ServiceInterface):
     @D.method()
     @_funnel
     async def GetStatus(self) -> 's':
-        return json.dumps(self.daemon.status_document())
+        return _reply(self.daemon.status_document())
 
     @D.method()
     @_funnel
     async def Explain(self, modaliases: 'as') -> 's':
-        return json.dumps(self.daemon.explain_document(list(modaliases)))
+        return _reply(self.daemon.explain_document(_strings(modaliases, "modaliases")))
 
     @D.method()
     @_funnel
     async def Plan(self, devices: 'as', options: 'a{sv}') -> 's':
-        return json.dumps(self.daemon.plan_document(list(devices), _options(options)))
+        return _reply(self.daemon.plan_document(_strings(devices, "device ids"), _options(options)))
 
     @D.method()
     @_funnel
     async def Fix(self, devices: 'as', options: 'a{sv}') -> 'is':
-        who = await self.authorize(ACTION_FIX)
+        devices = _strings(devices, "device ids")
         overrides = _options(options)
-        ids = self.daemon.needing_ids(list(devices))
+        who = await self.authorize(ACTION_FIX)
+        ids = self.daemon.needing_ids(devices)
         record = await self.daemon.fix(ids, who, overrides)
         error = record.get("error")
         if error:  # the fix ran and ended in an error: its own name (PackageUnavailable, Busy, ...)
             name = error.get("name") if error.get("name") in ERROR_NAMES else "Failed"
             text = error.get("message", "") + (f"\n{error['hint']}" if error.get("hint") else "")
-            raise D.DBusError(ERROR_PREFIX + name, text)
-        return [int(record.get("exit_code") or 0), json.dumps(record.get("report") or {})]
+            raise D.DBusError(ERROR_PREFIX + name, _bounded_message(text))
+        return [int(record.get("exit_code") or 0), _reply(record.get("report") or {})]
 
     @D.method()
     @_funnel
