@@ -727,3 +727,25 @@ def test_kmodguard_fix_relays_progress_only_from_the_daemon_and_escaped(bus, mon
     assert len(seen) == 1, seen
     assert seen[0].startswith("daemon: step install \\x1b]0;owned\\x07\\x1b[2J") and "forged" not in seen[0]
     assert all(" " <= c <= "~" or c == "…" for c in seen[0]) and len(seen[0]) < 600
+
+
+def test_the_fix_child_ignores_a_planted_kmodguard_in_the_working_directory(tmp_path, monkeypatch, indexed):
+    """Without systemd the fix runs as a child of the root daemon: isolated (python -I) in /, so a
+    ./kmodguard/__main__.py (or PYTHONPATH) where the daemon was started never runs."""
+    import asyncio
+
+    from kmodguard.daemon.runner import ChildRunner
+
+    planted = tmp_path / "planted"
+    marker = tmp_path / "ran-as-root"
+    for sub in ("kmodguard", "kmodguard/cli"):
+        (planted / sub).mkdir(parents=True)
+        (planted / sub / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    (planted / "kmodguard" / "__main__.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    monkeypatch.chdir(planted)
+    monkeypatch.setenv("PYTHONPATH", str(planted))
+    lines = []
+    request = tmp_path / "state" / "fix-request.json"  # none: the real kmodguard says so and exits 0
+    rc = asyncio.run(ChildRunner(dict(indexed.env, PYTHONPATH=str(planted))).run(request, lines.append))
+    assert not marker.exists(), lines
+    assert rc == 0 and any("no fix request at" in line for line in lines), lines

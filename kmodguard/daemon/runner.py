@@ -23,9 +23,18 @@ log = logging.getLogger(__name__)
 FIX_UNIT = "kmodguard-fix.service"
 
 
+# The kmodguard this daemon runs: the child imports it from there and from nowhere a caller chose.
+_HOME = str(Path(__file__).resolve().parent.parent.parent)
+_BOOT = "import sys; sys.path.insert(0, sys.argv.pop(1)); from kmodguard.cli import main; sys.exit(main())"
+
+
 def fix_command(request: Path) -> list[str]:
-    """What kmodguard-fix.service runs (ExecStart) and the child process runs: the same command."""
-    return [sys.executable, "-m", "kmodguard", "fix", "--yes", "--json", "--request", str(request)]
+    """The command the child process runs; the same as kmodguard-fix.service's ExecStart.
+
+    Isolated (-I: no PYTHON* variables, no user site, neither the working directory nor a
+    script's directory on sys.path) and started in / (ChildRunner): a ./kmodguard/__main__.py
+    planted where the daemon was started must never run as root."""
+    return [sys.executable, "-I", "-c", _BOOT, _HOME, "fix", "--yes", "--json", "--request", str(request)]
 
 
 async def _run(args: list[str], progress: Callable[[str], None] | None = None, **kw) -> int:
@@ -52,7 +61,7 @@ class ChildRunner:
 
     async def run(self, request: Path, progress: Callable[[str], None]) -> int:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        return await _run(fix_command(request), progress, env={**env, **self.environment})
+        return await _run(fix_command(request), progress, env={**env, **self.environment}, cwd="/")
 
 
 class UnitRunner:
