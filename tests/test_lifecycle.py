@@ -268,6 +268,38 @@ def test_check_kver_is_loud_when_the_new_initramfs_lacks_a_driver_needed_at_boot
     assert f"WARNING: the initramfs of kernel {KVER_NEXT}" in motd and "0000:00:03.0" in motd
 
 
+def test_check_kver_reads_the_image_for_drivers_kmodguards_drop_in_adds(machine, tmp_path):
+    """initramfs = "always" put the GPU's driver in kmodguard's dracut drop-in when it was fixed:
+    NEXT's image is meant to hold it although nothing mounts the root through it. With NEXT's
+    kernel-modules absent, dracut says "Failed to find module" and exits 0; check --kver names it."""
+    kmg, root = machine
+    add_next_kernel(root)
+    subprocess.run(["depmod", "-b", str(root), KVER_NEXT], check=True)
+    conf = Path(kmg.env["KMODGUARD_DRACUT_CONF_DIR"])
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "90-kmodguard.conf").write_text('add_drivers+=" kmg_gpu "\n')
+    _, said = _dracut(root, KVER_NEXT, tmp_path, add_drivers="kmg_gpu")
+    assert "Failed" in said and "kmg_gpu" in said, said
+    doc = kmg("check", "--kver", KVER_NEXT, "--json", check_code=3).json
+    init = doc["initramfs"]
+    assert init["checked"] and init["lacks_driver"] == ["0000:00:05.0"], init
+    (dev,) = init["devices"]
+    assert dev["module"] == "kmg_gpu" and "drop-in" in dev["needed_because"], dev
+
+
+def test_check_kver_leaves_out_devices_the_policy_ignores(machine, tmp_path):
+    """A device whose every module the policy ignores is left alone under the new kernel too:
+    no "would have no driver" for it (q35's LPC bridge, lpc_ich, in every test guest)."""
+    kmg, root = machine
+    add_next_kernel(root)
+    kmg.env["KMODGUARD_CONFIG_DIR"] = _config(kmg, '[ignore]\nmodules = ["pcspkr", "lpc_ich", "kmg_gpu"]\n')
+    kmg("index", "derive", "--kver", KVER_NEXT, check_code=0)  # as the kernel-install plugin does
+    doc = kmg("check", "--kver", KVER_NEXT, "--json", check_code=0).json
+    after = {d["id"]: (d["verdict_after"], d["loses_driver"]) for d in doc["devices"]}
+    assert after["0000:00:05.0"] == ("ignored", False), after
+    assert doc["loses_driver"] == []
+
+
 def kernel_install(kmg, root: Path, tmp_path: Path, kver: str, extra_env: dict | None = None,
                    initrd: Path | None = None):
     """Debian's real kernel-install, with only kmodguard's plugin and a boot directory of the test."""

@@ -79,7 +79,9 @@ def kernel_change(now: Engine, new: Engine, devices: list[Device], initramfs_ima
         except InvalidInput:
             continue
         afters[dep.device.id] = after
-        keeps = after.verdict == "loadable"  # an installed (or built-in) module of the new kernel matches
+        # an installed (or built-in) module of the new kernel matches; or the policy leaves the
+        # device alone there (ignore.*): nothing to warn about then
+        keeps = after.verdict in ("loadable", "ignored")
         entry = {**device_json(dep.device, dep.now), "verdict_after": after.verdict, "reason_after": after.reason,
                  "candidates_after": [c.as_json() for c in after.candidates], "loses_driver": not keeps}
         report.append(entry)
@@ -114,9 +116,14 @@ def initramfs_check(now: Engine, new: Engine, deps: list[Dependent], afters: dic
     doc = {"kernel": kver, "image": str(image), "checked": False, "reason": None, "needed_at_boot": [],
            "devices": [], "lacks_driver": []}
     builtin = initramfs._builtin(new.paths)
+    # the drivers kmodguard's dracut drop-in adds (initramfs = "always", or a device that mattered
+    # at boot when it was fixed): the image is meant to hold them whatever the topology says now
+    persisted = {initramfs._norm(m) for m in initramfs.persisted_drivers(now.paths)}
     critical = []
     for dep in deps:
         why = initramfs.boot_critical(dep.device.syspath, now.paths)
+        if not why and initramfs._norm(dep.device.driver or "") in persisted:
+            why = f"its driver {dep.device.driver} is in kmodguard's dracut drop-in ({initramfs.DROP_IN})"
         if not why:
             continue
         after = afters.get(dep.device.id)
