@@ -17,6 +17,11 @@ What is built (under ${KMODGUARD_TEST_CACHE:-/var/cache/kmodguard-tests}/e2e/bui
                            dracut image, as an image builder does), an rpm database at DBPATH,
                            /etc/rpm/macros.kmodguard-e2e naming that DBPATH, a .repo file, dracut's
                            configuration and /boot/initramfs-KVER.img
+  repo-upgrade/            repo-trim plus kernel B (the newer kernel the archive serves): its kernel,
+                           kernel-core, kernel-modules-core and trimmed kernel-modules, for the
+                           systemd guest's kernel upgrade scenarios
+  initrd/KVER/             for each kernel, the modules the e2e boot initramfs loads (9p, overlay,
+                           virtio-blk, ext4) in modprobe's order (modules.list)
   manifest.json            what was built; written last: a build directory without it is incomplete
 
 The directory name carries a hash of the inputs (the tree, the split table, this file, tests/rpmbuild.py
@@ -60,7 +65,7 @@ for p in (str(TESTS), str(HERE)):
 import realtree
 import rpmbuild
 
-BUILD_FORMAT = 1  # bump to force a rebuild when the layout changes in a way the hash does not see
+BUILD_FORMAT = 2  # bump to force a rebuild when the layout changes in a way the hash does not see
 
 # The drivers the scenarios (and tests/e2e/README.md's examples) need from kernel-modules; the
 # trimmed package carries them, their dependencies, and every TRIM_EVERY-th other module.
@@ -68,6 +73,11 @@ SCENARIO_MODULES = ("snd_hda_intel", "megaraid_sas", "sym53c8xx", "mptsas", "tul
                     "snd_intel8x0", "sdhci_pci", "lpc_ich")
 TRIM_EVERY = 4
 TRIM_MAX_BYTES = 100_000  # an "other" module is taken only if it brings at most this much with it
+# what the boot initramfs loads: the 9p shares, the overlay, and the systemd guest's persistent disk
+INITRD_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_blk", "ext4")
+# accelerated variants for CPU features QEMU's TCG CPU lacks (SSE4.2, PCLMUL): insmod fails, the
+# generic module serves
+CPU_SPECIFIC = ("crc32c-intel.ko", "crc32-pclmul.ko", "crct10dif-pclmul.ko", "ghash-clmulni-intel.ko")
 
 UNCOMPRESSED = "w.ufdio"  # rpm's _binary_payload for no compression: the fastest to build and install
 DBPATH = "/usr/lib/sysimage/rpm"  # Fedora's; Debian's rpm defaults to ~/.rpmdb (see README)
@@ -149,6 +159,22 @@ class Build:
     def request(self, package: str) -> str:
         return f"{package}-uname-r = {self.rpm_uname}"
 
+    @property
+    def upgrade_kver(self) -> str:
+        """Kernel B: the newer kernel, in repo-upgrade only (the guest boots kernel A, self.kver)."""
+        return self.manifest["upgrade"]["kver"]
+
+    @property
+    def upgrade_repo(self) -> Path:
+        return self.root / "repo-upgrade"
+
+    def vmlinuz_of(self, kver: str) -> Path:
+        return Path(self.manifest["vmlinuz"] if kver == self.kver else self.manifest["upgrade"]["vmlinuz"])
+
+    def initrd_modules(self, kver: str) -> Path:
+        """initrd/KVER/: the boot initramfs's module files and modules.list (their load order)."""
+        return self.root / "initrd" / kver
+
 
 # --- the cache ---------------------------------------------------------------------------------
 
@@ -162,13 +188,19 @@ def boot_tree() -> realtree.Tree:
     return realtree.ensure_kernels()[1]
 
 
-def cache_key(tree: realtree.Tree) -> str:
+def upgrade_tree() -> realtree.Tree:
+    """Kernel B of the upgrade scenarios: the current one the archive serves."""
+    return realtree.ensure_kernels()[0]
+
+
+def cache_key(tree: realtree.Tree, upgrade: realtree.Tree) -> str:
     h = hashlib.sha256()
-    parts = [f"format={BUILD_FORMAT}", f"kver={tree.kver}", f"package={tree.package}", f"version={tree.version}",
-             f"arch={platform.machine()}"]
-    for f in (tree.mdir / "modules.order", tree.root / "boot" / f"vmlinuz-{tree.kver}"):
-        st = f.stat()
-        parts.append(f"{f.name}={st.st_size}:{st.st_mtime_ns}")
+    parts = [f"format={BUILD_FORMAT}", f"arch={platform.machine()}"]
+    for t in (tree, upgrade):
+        parts += [f"kver={t.kver}", f"package={t.package}", f"version={t.version}"]
+        for f in (t.mdir / "modules.order", t.root / "boot" / f"vmlinuz-{t.kver}"):
+            st = f.stat()
+            parts.append(f"{f.name}={st.st_size}:{st.st_mtime_ns}")
     for f in (Path(__file__), TESTS / "rpmbuild.py", TESTS / "realtree.py", realtree.SPLIT_TABLE):
         parts.append(f"{f.name}={_sha(f)}")
     h.update("\n".join(parts).encode())
@@ -195,9 +227,9 @@ def _load(final: Path) -> Build | None:
 
 def ensure_build() -> Build:
     """The cached build for the current inputs; built (a few minutes, once) when missing."""
-    tree = boot_tree()
+    tree, upgrade = boot_tree(), upgrade_tree()
     root = cache_root()
-    final = root / f"build-{cache_key(tree)}"
+    final = root / f"build-{cache_key(tree, upgrade)}"
     found = _load(final)
     if found:
         return found
@@ -213,7 +245,7 @@ def ensure_build() -> Build:
         try:
             t0 = time.monotonic()
             log(f"building the e2e kernel packages and guest layer for {tree.kver} in {final} (once)")
-            _build(tree, tmp, final)
+            _build(tree, upgrade, tmp, final)
             tmp.chmod(0o755)
             os.rename(tmp, final)
             log(f"built in {time.monotonic() - t0:.0f} s")
@@ -436,23 +468,27 @@ def image_modules(image: Path) -> list[str]:
     return sorted(found)
 
 
-def _build(tree: realtree.Tree, out: Path, final: Path) -> None:
-    timings: dict[str, float] = {}
-    t = time.monotonic()
+@dataclass
+class _Kernel:
+    """One kernel's pieces on the way to its RPMs."""
+    tree: realtree.Tree
+    by_pkg: dict[str, list[str]]
+    full_mdir: Path  # depmod'ed symlink farm of the whole tree
+    trim: list[str]
+    core_payload: Path
+    payloads: dict[str, Path]
+
+
+def _prepare_kernel(tree: realtree.Tree, work: Path, pay: Path) -> _Kernel:
+    """The Fedora split of one kernel (by path), its whole-tree depmod, the trimmed kernel-modules
+    and the payload directories (hard links into the cached tree)."""
     kver = tree.kver
-    work = out / ".work"
-    work.mkdir()
     assigned = realtree.assign(tree)
     by_pkg: dict[str, list[str]] = {}
     for rel, pkg in sorted(assigned.items()):
         by_pkg.setdefault(pkg, []).append(rel)
     full_mdir = _full_depmod(tree, work, sorted(assigned))
-    deps = _dependencies(full_mdir)
-    trim, _ = trim_selection(assigned, deps, lambda rel: (tree.mdir / rel).stat().st_size)
-    timings["depmod_s"] = time.monotonic() - t
-
-    t = time.monotonic()
-    pay = out / "payload"
+    trim, _ = trim_selection(assigned, _dependencies(full_mdir), lambda rel: (tree.mdir / rel).stat().st_size)
     core_payload = pay / "kernel-core"
     cdir = core_payload / "lib" / "modules" / kver
     cdir.mkdir(parents=True)
@@ -467,8 +503,73 @@ def _build(tree: realtree.Tree, out: Path, final: Path) -> None:
         "kernel-modules-trim": _payload(pay / "kernel-modules-trim", tree, trim),
         "kernel-modules-extra": _payload(pay / "kernel-modules-extra", tree, by_pkg[realtree.EXTRA]),
     }
+    return _Kernel(tree, by_pkg, full_mdir, trim, core_payload, payloads)
+
+
+def _initrd_modules(k: _Kernel, dest: Path) -> list[str]:
+    """The boot initramfs's modules for kernel k, in the order modprobe would load them."""
+    farm = k.full_mdir.parent.parent.parent  # ROOT of ROOT/lib/modules/KVER
+    show = _run(["modprobe", "-d", str(farm), "-S", k.tree.kver, "--show-depends", "-a", *INITRD_MODULES]).stdout
+    dest.mkdir(parents=True)
+    names: list[str] = []
+    for line in show.splitlines():
+        parts = line.split()
+        if parts[:1] == ["insmod"] and os.path.basename(parts[1]) not in (*names, *CPU_SPECIFIC):
+            shutil.copyfile(parts[1], dest / os.path.basename(parts[1]))  # follows the farm's link
+            names.append(os.path.basename(parts[1]))
+    (dest / "modules.list").write_text("".join(f"{n}\n" for n in names))
+    return names
+
+
+def _fedora_ways(layer: Path) -> list[str]:
+    """The waivers a Debian guest needs to run kmodguard's RPM as Fedora would (each named in
+    tests/e2e/README.md): Debian's python3 and dnf look elsewhere, Debian has no default-disable
+    preset, no dracut kernel-install plugin, and no en_US locale for cloud-init to set."""
+    site = f"/usr/lib/python3.{sys.version_info.minor}/site-packages"
+    files = {
+        # Debian's python3 does not look in Fedora's site-packages, where the RPM puts kmodguard
+        f"usr/lib/python3/dist-packages/kmg-e2e-fedora-sitelib.pth": f"{site}\n",
+        # Fedora's 99-default-disable.preset: an RPM's %post `systemctl preset` enables nothing
+        "usr/lib/systemd/system-preset/99-default-disable.preset": "disable *\n",
+        # dracut's own kernel-install plugin, which Fedora's dracut ships and Debian's does not
+        "usr/lib/kernel/install.d/50-dracut.install": DRACUT_INSTALL,
+        # cloud-init's default locale (en_US.UTF-8) is not generated on the host
+        "etc/cloud/cloud.cfg.d/90-kmg-e2e.cfg": "# kmodguard e2e: a locale the host has\nlocale: C.UTF-8\n",
+    }
+    # Debian's dnf loads plugins from its own directory only; the RPM's is Fedora's
+    host_conf = Path("/etc/dnf/dnf.conf")
+    conf = host_conf.read_text() if host_conf.is_file() else "[main]\n"
+    files["etc/dnf/dnf.conf"] = (conf.rstrip("\n") + "\n# kmodguard e2e: Fedora's plugin directory too\n"
+                                 f"pluginpath=/usr/lib/python3/dist-packages/dnf-plugins {site}/dnf-plugins\n")
+    for rel, text in files.items():
+        path = layer / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755 if rel.endswith(".install") else 0o644)
+    return sorted("/" + rel for rel in files)
+
+
+DRACUT_INSTALL = """#!/bin/sh
+# kmodguard e2e: what Fedora's dracut kernel-install plugin (50-dracut.install) does, on Debian:
+# the new kernel's initramfs, at the guest's image path (artifacts.boot_image)
+[ "$1" = add ] || exit 0
+exec dracut -f --kver "$2" "/boot/initrd.img-$2"
+"""
+
+
+def _build(tree: realtree.Tree, upgrade: realtree.Tree, out: Path, final: Path) -> None:
+    timings: dict[str, float] = {}
+    t = time.monotonic()
+    kver = tree.kver
+    work = out / ".work"
+    work.mkdir()
+    pay = out / "payload"
+    a = _prepare_kernel(tree, work / "a", pay)
+    b = _prepare_kernel(upgrade, work / "b", work / "payload-b")
+    by_pkg, core_payload, payloads = a.by_pkg, a.core_payload, a.payloads
+    initrd = {k.tree.kver: _initrd_modules(k, out / "initrd" / k.tree.kver) for k in (a, b)}
     blacklisted = _extra_blacklist(payloads["kernel-modules-extra"] / "etc" / "modprobe.d", by_pkg[realtree.EXTRA],
-                                   realtree.read_aliases(full_mdir))
+                                   realtree.read_aliases(a.full_mdir))
     timings["payloads_s"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -482,19 +583,25 @@ def _build(tree: realtree.Tree, out: Path, final: Path) -> None:
                                     "kernel-modules-extra": payloads["kernel-modules-extra"]}, "kmodguard e2e")
         trim_spec = e2e_spec(kver, {"kernel-core": core_payload, "kernel-modules": payloads["kernel-modules-trim"]},
                              "kmodguard e2e, trimmed kernel-modules")
-        with ThreadPoolExecutor(max_workers=2) as pool:  # two rpmbuilds on two cores
+        b_spec = e2e_spec(upgrade.kver, {"kernel-core": b.core_payload,
+                                         "kernel-modules-core": b.payloads["kernel-modules-core"],
+                                         "kernel-modules": b.payloads["kernel-modules-trim"]},
+                          "kmodguard e2e, kernel B of the upgrade, trimmed kernel-modules")
+        with ThreadPoolExecutor(max_workers=2) as pool:  # rpmbuilds on two cores
             full_job = pool.submit(_rpmbuild, full_spec, "kernel-e2e-full", rpms_dir / "full", work)
             trim_job = pool.submit(_rpmbuild, trim_spec, "kernel-e2e-trim", rpms_dir / "trim", work)
+            b_job = pool.submit(_rpmbuild, b_spec, "kernel-e2e-b", rpms_dir / "b", work)
             misc = work / "misc" / "rpms"
             shell = rpmbuild.shell_rpm(misc)
             release = rpmbuild.build_rpm(misc, "kmg-e2e-release", RELEASEVER, "1",
                                          provides=(f"system-release(releasever) = {RELEASEVER}",))
-            full, trimmed = full_job.result(), trim_job.result()
+            full, trimmed, b_rpms = full_job.result(), trim_job.result(), b_job.result()
         timings["rpmbuild_s"] = time.monotonic() - t
         t = time.monotonic()
         common = {n: full[n] for n in ("kernel", "kernel-core", "kernel-modules-core", "kernel-modules-extra")}
         common["kmg-busybox-sh"], common["kmg-e2e-release"] = shell, release
-        rpmbuild.sign_rpms([*common.values(), full["kernel-modules"], trimmed["kernel-modules"]], key)
+        upgrade_rpms = [b_rpms[n] for n in ("kernel", "kernel-core", "kernel-modules-core", "kernel-modules")]
+        rpmbuild.sign_rpms([*common.values(), full["kernel-modules"], trimmed["kernel-modules"], *upgrade_rpms], key)
         timings["sign_s"] = time.monotonic() - t
     finally:
         rpmbuild.stop_agent(key)
@@ -503,10 +610,13 @@ def _build(tree: realtree.Tree, out: Path, final: Path) -> None:
     fingerprint = key.fingerprint
 
     t = time.monotonic()
-    for name, modules_rpm in (("repo-full", full["kernel-modules"]), ("repo-trim", trimmed["kernel-modules"])):
+    repos = {"repo-full": [*common.values(), full["kernel-modules"]],
+             "repo-trim": [*common.values(), trimmed["kernel-modules"]],
+             "repo-upgrade": [*common.values(), trimmed["kernel-modules"], *upgrade_rpms]}
+    for name, files in repos.items():
         repo = out / name
         repo.mkdir()
-        for f in (*common.values(), modules_rpm):
+        for f in files:
             os.link(f, repo / f.name)
         shutil.copyfile(public, repo / KEY_NAME)
         rpmbuild.createrepo(repo)
@@ -514,6 +624,7 @@ def _build(tree: realtree.Tree, out: Path, final: Path) -> None:
 
     t = time.monotonic()
     _build_layer(out / "layer", kver, common, public, work)
+    waivers = _fedora_ways(out / "layer")
     timings["layer_s"] = time.monotonic() - t
     image = out / "layer" / boot_image(kver).lstrip("/")
     initial_modules = image_modules(image)
@@ -528,16 +639,22 @@ def _build(tree: realtree.Tree, out: Path, final: Path) -> None:
         "tree": str(tree.root),
         "vmlinuz": str(tree.root / "boot" / f"vmlinuz-{kver}"),
         "tree_version": tree.version,
+        "upgrade": {"kver": upgrade.kver, "rpm_uname": rpm_uname(upgrade.kver), "tree": str(upgrade.root),
+                    "vmlinuz": str(upgrade.root / "boot" / f"vmlinuz-{upgrade.kver}"),
+                    "tree_version": upgrade.version, "rpms": sorted(f.name for f in upgrade_rpms),
+                    "kernel-modules-trim": len(b.trim)},
+        "initrd_modules": initrd,
+        "waivers": waivers,
         "dbpath": DBPATH,
         "key_fingerprint": fingerprint,
         "modules": {"kernel-modules-core": len(by_pkg[realtree.CORE]),
                     "kernel-modules-full": len(by_pkg[realtree.MODULES]),
-                    "kernel-modules-trim": len(trim),
+                    "kernel-modules-trim": len(a.trim),
                     "kernel-modules-extra": len(by_pkg[realtree.EXTRA])},
         "trim": {"every": TRIM_EVERY, "max_bytes": TRIM_MAX_BYTES},
         "scenario_modules": list(SCENARIO_MODULES),
         "extra_blacklist": blacklisted,
-        "rpms": {name: sorted(p.name for p in (out / name).glob("*.rpm")) for name in ("repo-full", "repo-trim")},
+        "rpms": {name: sorted(p.name for p in (out / name).glob("*.rpm")) for name in repos},
         "rpm_sizes": {f"{name}/{f.name}": f.stat().st_size for name in ("repo-full", "repo-trim")
                       for f in sorted((out / name).glob("*.rpm"))},
         "initial_initramfs": {"path": boot_image(kver), "size": image.stat().st_size, "modules": initial_modules},
