@@ -55,7 +55,6 @@ LPC = "0000:00:1f.0"  # q35's ICH9 LPC bridge: lpc_ich, which kmodguard's defaul
 SETTLE = 2.0
 BOOT_TIMEOUT = 180.0  # kernel + initramfs + switch_root, under TCG
 DEFAULT_TIMEOUT = 900.0
-INITRD_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 
 
 class HarnessError(RuntimeError):
@@ -193,11 +192,22 @@ class Session:
             atexit.register(shutil.rmtree, self.dir, True)
         return self.dir
 
-    def initrd(self, build: Build) -> Path:
+    def initrd(self, build: Build, kver: str | None = None) -> Path:
+        kver = kver or build.kver
         with self.lock:
-            if "initrd" not in self.made:
-                self.made["initrd"] = make_initrd(build, self._dir() / "initrd")
-            return self.made["initrd"]
+            key = ("initrd", kver)
+            if key not in self.made:
+                self.made[key] = make_initrd(build, self._dir() / f"initrd-{kver}", kver)
+            return self.made[key]
+
+    def once(self, key: str, make):
+        """make(directory) once per process, in a directory of its own (the kmodguard RPMs)."""
+        with self.lock:
+            if key not in self.made:
+                where = self._dir() / key
+                where.mkdir()
+                self.made[key] = make(where)
+            return self.made[key]
 
     def index(self, build: Build, full: bool) -> Path:
         with self.lock:
@@ -210,29 +220,25 @@ class Session:
 SESSION = Session()
 
 
-def make_initrd(build: Build, work: Path) -> Path:
-    """busybox, the modules that mount 9p and overlay (in modprobe's order, from the guest's own
-    installed tree), guest/init.sh as /init and guest/stage2.sh, as a newc cpio. /e2e.env tells the
-    guest where the project is: the checkout's own path, shell-quoted (it may hold spaces, lie under
-    /tmp or in a 0700 home). Nothing of it goes on the kernel command line."""
+def make_initrd(build: Build, work: Path, kver: str) -> Path:
+    """busybox, the modules that mount 9p, overlay and the ext4 disk (in modprobe's order, from
+    kernel KVER's own tree: artifacts.Build.initrd_modules), guest/init.sh as /init, guest/stage2.sh
+    and guest/kmg-e2e.service, as a newc cpio. /e2e.env tells the guest where the project is: the
+    checkout's own path, shell-quoted (it may hold spaces, lie under /tmp or in a 0700 home).
+    Nothing of it goes on the kernel command line."""
     root = work / "root"
     for d in ("bin", "dev", "proc", "sys", "modules"):
         (root / d).mkdir(parents=True, exist_ok=True)
-    show = _run(["modprobe", "-d", build.layer, "-S", build.kver, "--show-depends", "-a", *INITRD_MODULES]).stdout
-    names = []
-    for line in show.splitlines():
-        parts = line.split()
-        if parts[:1] == ["insmod"]:
-            src = Path(parts[1])
-            if src.name not in names:
-                shutil.copyfile(src, root / "modules" / src.name)
-                names.append(src.name)
+    src = build.initrd_modules(kver)
+    names = (src / "modules.list").read_text().split()
+    for name in names:
+        shutil.copyfile(src / name, root / "modules" / name)
     (root / "modules.list").write_text("".join(f"{n}\n" for n in names))
     busybox = shutil.which("busybox") or "/bin/busybox"
     shutil.copy2(busybox, root / "bin" / "busybox")
-    for name, dest in (("init.sh", "init"), ("stage2.sh", "stage2.sh")):
+    for name, dest in (("init.sh", "init"), ("stage2.sh", "stage2.sh"), ("kmg-e2e.service", "kmg-e2e.service")):
         shutil.copyfile(GUEST / name, root / dest)
-        (root / dest).chmod(0o755)
+        (root / dest).chmod(0o644 if dest.endswith(".service") else 0o755)
     (root / "e2e.env").write_text(f"KMG_PROJECT={shlex.quote(str(REPO))}\n"
                                   f"KMG_PYTHON={shlex.quote(str(VENV_PYTHON))}\n")
     try:  # the kernel opens /dev/console for /init before anything is mounted
@@ -332,9 +338,12 @@ def qemu_option(value: str) -> str:
 
 class VM:
     def __init__(self, build: Build, initrd: Path, repo: Path, out: Path, qmp_path: Path, devices: list[Device],
-                 memory: int):
+                 memory: int, vmlinuz: Path | None = None, kernel_args: tuple[str, ...] = (),
+                 disk: Path | None = None, serial_name: str = "serial.log"):
         self.build, self.initrd, self.repo, self.out, self.qmp_path = build, initrd, repo, out, qmp_path
         self.devices, self.memory = devices, memory
+        self.vmlinuz = vmlinuz or build.vmlinuz
+        self.kernel_args, self.disk, self.serial_name = kernel_args, disk, serial_name
         self.proc: subprocess.Popen | None = None
         self.marks: list[tuple[float, str, dict]] = []
         self.cond = threading.Condition()
@@ -342,9 +351,9 @@ class VM:
         self.reader: threading.Thread | None = None
 
     def command(self) -> list[str]:
-        kernel_args = ["console=ttyS0", "quiet", "panic=-1", "loglevel=4"]
+        kernel_args = ["console=ttyS0", "quiet", "panic=-1", "loglevel=4", *self.kernel_args]
         cmd = ["qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-m", str(self.memory), "-smp", "1",
-               "-kernel", str(self.build.vmlinuz), "-initrd", str(self.initrd), "-append", " ".join(kernel_args),
+               "-kernel", str(self.vmlinuz), "-initrd", str(self.initrd), "-append", " ".join(kernel_args),
                "-display", "none", "-vga", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
                "-net", "none", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         # the project has a share of its own: the guest mounts it at its own path, which the host's
@@ -355,6 +364,8 @@ class VM:
             opts += ",readonly=on" if ro else ""
             opts += ",multidevs=remap" if tag == "hostroot" else ""
             cmd += ["-virtfs", opts]
+        if self.disk is not None:  # the systemd guest's persistent upper layer (/dev/vda)
+            cmd += ["-drive", f"file={qemu_option(str(self.disk))},format=raw,if=virtio,cache=unsafe"]
         for d in self.devices:
             # one root port per device (QEMU 7.2 q35 hot-plugs through ACPI per port); pref32-reserve:
             # devices with a big prefetchable BAR (bochs-display) get no space without it
@@ -366,7 +377,8 @@ class VM:
 
     def start(self) -> None:
         cmd = self.command()
-        (self.out / "qemu-command.txt").write_text(" ".join(cmd) + "\n")
+        with open(self.out / "qemu-command.txt", "a") as f:
+            f.write(" ".join(cmd) + "\n")
         setpriv = shutil.which("setpriv")
         if setpriv:  # QEMU dies with us, even when we are killed with SIGKILL
             cmd = [setpriv, "--pdeathsig", "KILL", "--", *cmd]
@@ -382,7 +394,7 @@ class VM:
 
     def _read_serial(self) -> None:
         assert self.proc and self.proc.stdout
-        with open(self.out / "serial.log", "w", encoding="utf-8", errors="replace") as log_file:
+        with open(self.out / self.serial_name, "w", encoding="utf-8", errors="replace") as log_file:
             for raw in self.proc.stdout:
                 t = time.monotonic() - self.t0
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
