@@ -1,10 +1,12 @@
-"""Fixtures of the end-to-end tests: the scenarios run two at a time (two guests with -smp 1 on two
-cores), the selected ones only, and each test waits for its own (several tests may read one
-scenario's run). A run's results directory is removed at the end when every test that read it
-passed, and named in the failures otherwise."""
+"""Fixtures of the end-to-end tests: the scenarios of every e2e module (test_scenarios.py: the
+script guest; test_systemd.py: the systemd guest) run two at a time on one session-wide pool (two
+guests with -smp 1 on two cores), the selected ones only, longest first, and each test waits for
+its own (several tests may read one scenario's run). A run's results directory is removed at the
+end when every test that read it passed, and named in the failures otherwise."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -41,19 +43,25 @@ def pytest_terminal_summary(terminalreporter):
         def s(t, key):
             return f"{t[key]:.2f}" if t.get(key) is not None else "-"
 
+        systemd_docs = {n: d for n, d in _DOCS.items() if d.get("init") == "systemd"}
         for name, doc in _DOCS.items():
-            for d in doc["devices"]:
+            for d in doc["devices"] if name not in systemd_docs else ():
                 t = d["timings"]
                 terminalreporter.write_line(
                     f"{name:12s} {d['device']:12s} {d['verdict'] or '-':9s} {s(t, 'event_to_verdict_s'):>9s} "
                     f"{s(t, 'event_to_installed_s'):>11s} {s(t, 'event_to_bound_s'):>8s} "
                     f"{s(t, 'device_add_to_verdict_s'):>20s}")
+        if systemd_docs:
+            terminalreporter.section("e2e systemd guest timings (s, host clock: QEMU start to the agent, to READY; "
+                                     "device_add to bound; the upgrade's dnf transaction; boot into B to bound)")
+            for name, doc in systemd_docs.items():
+                terminalreporter.write_line(f"{name:16s} {json.dumps(doc['timings'])}")
 
 
 class Scenarios:
     """Starts every selected scenario at once on a small pool (longest first); get() waits."""
 
-    def __init__(self, selected: list[str], table: dict[str, harness.Scenario]):
+    def __init__(self, selected: list[str], table: dict):
         self.table = table
         self.started = time.monotonic()
         harness.preflight()
@@ -61,13 +69,28 @@ class Scenarios:
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="e2e")
         self.futures: dict[str, Future] = {}
         self.failed: set[str] = set()  # scenarios a test failed on: their results are kept
-        for name in sorted(selected, key=lambda n: -table[n].timeout_hint):
+        # another scenario's base first (its dependents wait for it), the dependents last, the rest
+        # longest first
+        bases = {getattr(table[n].scenario, "base", None) for n in selected} - {None}
+        selected = list(dict.fromkeys([*sorted(bases), *selected]))
+
+        def order(n):
+            depends = getattr(table[n].scenario, "base", None) is not None
+            return (0 if n in bases else 2 if depends else 1, -table[n].timeout_hint)
+
+        for name in sorted(selected, key=order):
             self.futures[name] = self.pool.submit(self._run, name)
 
     def _run(self, name: str) -> harness.Run:
         t = time.monotonic()
         try:
-            run = harness.run_scenario(self.table[name].scenario, keep=True)
+            scn = self.table[name].scenario
+            if isinstance(scn, harness.Scenario):
+                run = harness.run_scenario(scn, keep=True)
+            else:
+                import systemd_guest
+                base = self.get(scn.base) if scn.base else None  # it was submitted first
+                run = systemd_guest.run_systemd(scn, keep=True, base=base)
             _DOCS[name] = run.doc
             return run
         finally:
@@ -91,11 +114,18 @@ class Scenarios:
                 shutil.rmtree(run.results_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def scenarios(request):
-    table = request.module.SCENARIOS
-    names = [table_name for item in request.session.items if item.module is request.module
-             for table_name in [request.module.TESTS.get(item.originalname)] if table_name]
+    """Every selected scenario of every e2e module, started at once (scenario names are unique
+    across the modules)."""
+    table, names = {}, []
+    for item in request.session.items:
+        module = item.module
+        if hasattr(module, "SCENARIOS") and hasattr(module, "TESTS"):
+            table.update(module.SCENARIOS)
+            name = module.TESTS.get(item.originalname)
+            if name:
+                names.append(name)
     s = Scenarios(list(dict.fromkeys(names)), table)
     yield s
     s.close()

@@ -43,7 +43,6 @@ SCENARIOS = {
     "offer": entry(25, hotplug=["intel-hda"], mode="offer", name="offer"),
     "passthrough": entry(25, passthrough=["intel-hda"], name="passthrough"),
     "four": entry(100, hotplug=["intel-hda", "megasas", "tulip", "ES1370"], name="four"),
-    "coldplug": entry(100, coldplug=["lsi53c895a"], name="coldplug"),
     "full": entry(150, hotplug=["AC97"], full_modules=True, name="full"),
 }
 
@@ -57,7 +56,6 @@ TESTS = {
     "test_offer_mode_names_the_package_in_status_motd_and_on_the_bus_and_installs_nothing": "offer",
     "test_device_claimed_for_passthrough_is_left_alone": "passthrough",
     "test_four_devices_hotplugged_back_to_back_make_one_decision_and_one_transaction": "four",
-    "test_coldplugged_device_is_fixed_by_the_daemons_startup_scan": "coldplug",
     "test_full_kernel_modules_package": "full",
 }
 
@@ -341,20 +339,6 @@ def test_four_devices_hotplugged_back_to_back_make_one_decision_and_one_transact
     assert_daemon_behaved(run)
     for qemu in expected:
         assert_verdict_timing(run, device(run, qemu))
-
-
-def test_coldplugged_device_is_fixed_by_the_daemons_startup_scan(scenario, scenarios):
-    run = scenario("coldplug")
-    d = device(run, "lsi53c895a")
-    assert d["how"] == "coldplug" and d["verdict"] == "missing", where(run)
-    assert d["decision"] == 1, where(run)  # the start-up scan is the daemon's first decision
-    assert d["driver"] == "sym53c8xx", where(run)
-    assert_installed_kernel_modules(run, scenarios.build.manifest, trimmed(scenarios))
-    assert_one_auto_fix(run, [d["address"]])
-    assert_daemon_behaved(run)
-    # nothing but the daemon fixed it: the agent only ran `kmodguard status` (after the fact)
-    assert {k["command"] for k in run.result["kmodguard"]} == {"status", "motd"}, where(run)
-    assert json.loads(signals(run, "RemediationFinished")[0]["args"][2])["requested_by"] == "auto", where(run)
 
 
 def test_full_kernel_modules_package(scenario, scenarios):
