@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 from .errors import InvalidInput, KmodguardError
-from .fsutil import copy_atomic, fsync_dir, write_atomic
+from .fsutil import copy_atomic, fsync_dir, make_dir, write_atomic
 from .paths import Paths
 
 log = logging.getLogger(__name__)
@@ -515,7 +515,7 @@ def snapshot(kver: str, paths: Paths) -> Path | None:
     if not image.is_file():
         return None
     dest = snapshot_path(kver, paths)
-    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(paths.state_dir)
     try:
         copy_atomic(image, dest, dest.with_name(f".{dest.name}.tmp"))
     except OSError as exc:
@@ -602,7 +602,7 @@ class _Lock:
     def __init__(self, paths: Paths, timeout: float):
         self.path = paths.state_dir / "initramfs.lock"
         try:
-            paths.state_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(paths.state_dir)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise InitramfsFailed(f"cannot lock {self.path}: {exc.strerror or exc}") from None

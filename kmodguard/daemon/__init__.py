@@ -61,6 +61,8 @@ async def _main(paths: Paths, use_bus: bool) -> int:
 
 
 def run(paths: Paths, use_bus: bool = True) -> int:
-    paths.runtime_dir.mkdir(parents=True, exist_ok=True)
-    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    from ..fsutil import make_dir
+
+    make_dir(paths.runtime_dir)
+    make_dir(paths.state_dir)
     return asyncio.run(_main(paths, use_bus))

@@ -24,12 +24,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import logging
 import secrets
+import stat
 import time
 from pathlib import Path
 
 from ..errors import Busy, InvalidInput
-from ..fsutil import write_atomic
+from ..fsutil import make_dir, write_atomic
+
+log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 300.0  # seconds after the first failure
 BACKOFF_MAX = 86400.0
@@ -57,7 +61,7 @@ class RemediationLock:
             held[1] += 1
             self.fd = held[0]
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + self.wait
         while True:
@@ -117,7 +121,7 @@ class Backoff:
         self.entries.pop(device_id, None)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(self.path.parent)
         write_atomic(self.path, json.dumps(self.entries, indent=1, sort_keys=True).encode(), 0o600)
 
 
@@ -155,15 +159,50 @@ def write_request(state_dir: Path, kernel: str, devices: list[str], requested_by
     """Record a fix the daemon wants run (by the oneshot unit or a child process); returns it."""
     request = {"id": secrets.token_hex(8), "kernel": kernel, "devices": list(devices), "requested_by": requested_by,
                "overrides": dict(overrides or {}), "created": time.time()}
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    make_dir(state_dir)
     write_atomic(Path(state_dir) / REQUEST_FILE, json.dumps(request, indent=1).encode(), 0o600)
     return request
 
 
+def _read_trusted(path: Path) -> dict | None:
+    """A request's JSON, read only from a regular file owned by root that neither group nor others
+    may write: a fix runs as root what it says. None: no such file. InvalidInput: refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if os.path.islink(path):
+            _refuse(path, "it is a symbolic link")
+        if isinstance(exc, PermissionError):
+            raise
+        return None
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            _refuse(path, "it is not a regular file")
+        if st.st_uid != 0:
+            _refuse(path, f"it is owned by uid {st.st_uid}, not root")
+        if st.st_mode & 0o022:
+            _refuse(path, f"group or others may write it (mode {stat.S_IMODE(st.st_mode):04o})")
+        try:
+            doc = json.loads(f.read(1 << 20).decode("utf-8"))
+        except (OSError, ValueError):
+            return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _refuse(path: Path, why: str):
+    log.warning("refused the fix request %s: %s", path, why)
+    raise InvalidInput(f"refused the fix request {path}: {why}",
+                       hint="a fix request must be a regular file owned by root, writable by root only")
+
+
 def read_request(path: Path) -> dict:
-    """A fix request file, checked: its shape is the only thing trusted from it."""
-    doc = _read_json(path)
-    if doc is None:
+    """A fix request file, checked: who may have written it, and its shape, which is the only
+    thing trusted from it."""
+    doc = _read_trusted(path)
+    if not doc:
         raise InvalidInput(f"{path} is not a kmodguard fix request (unreadable or not JSON)")
     devices, overrides = doc.get("devices"), doc.get("overrides", {})
     if (not isinstance(doc.get("id"), str) or not isinstance(devices, list) or not isinstance(doc.get("kernel"), str)
@@ -186,7 +225,7 @@ def taken_request(state_dir: Path) -> dict | None:
 
 
 def _checked(path: Path) -> dict | None:
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
         return read_request(path)
@@ -206,7 +245,7 @@ def take_request(state_dir: Path, path: Path) -> dict | None:
             return None
         raise
     taken = Path(state_dir) / TAKEN_FILE
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    make_dir(state_dir)
     try:
         os.replace(path, taken)
     except FileNotFoundError:
@@ -241,7 +280,7 @@ def finish_request(state_dir: Path, request_id: str) -> None:
 
 
 def record_fix(state_dir: Path, record: dict) -> None:
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    make_dir(state_dir)
     write_atomic(Path(state_dir) / LAST_FIX_FILE, json.dumps(record, indent=1).encode(), 0o644)
 
 
@@ -253,7 +292,7 @@ def last_fix(state_dir: Path) -> dict | None:
 
 
 def write_snapshot(path: Path, doc: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    make_dir(Path(path).parent)
     # compact: json's C encoder (indent= takes the pure-Python one, 10x slower on a big snapshot)
     write_atomic(Path(path), json.dumps(doc, separators=(",", ":")).encode(), 0o644, durable=False)  # in /run
 

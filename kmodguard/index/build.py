@@ -20,6 +20,7 @@ from typing import NamedTuple
 from pathlib import Path
 
 from ..errors import InvalidInput, KmodguardError
+from ..fsutil import make_dir
 from ..kmod import Context
 from . import store
 
@@ -90,7 +91,7 @@ def build_package(index_root: Path, kver: str, source: PackageSource, progress=N
     modules = _find_modules(mdir)
     if not modules:
         raise InvalidInput(f"{mdir} holds no kernel modules (.ko, .ko.xz, .ko.zst)")
-    Path(index_root).mkdir(parents=True, exist_ok=True)
+    make_dir(index_root)
     work = Path(tempfile.mkdtemp(prefix=f".build-{source.name}.", dir=index_root))
     try:
         stage_mdir = _stage(mdir, kver, work)

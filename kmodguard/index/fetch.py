@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import KmodguardError, PackageUnavailable
+from ..fsutil import make_dir
 from . import build, store
 
 
@@ -95,7 +96,7 @@ def fetch(engine, kver: str, progress: Callable[[str], None], *, download: bool 
                 continue
         to_download.append((name, request))
     if to_download:
-        paths.state_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(paths.state_dir)
         tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=paths.state_dir))
         try:
             progress(f"downloading {', '.join(r for _, r in to_download)} (nothing is installed)")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import IndexCorrupt, InvalidInput
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, make_dir
 from ..kmod import Context
 
 FORMAT = "kmodguard-index"
@@ -210,7 +210,7 @@ def publish(root: Path, kver: str, package: str, staged: Path) -> Path:
     import shutil
 
     kdir = Path(root) / valid_name("kernel version", kver)
-    kdir.mkdir(parents=True, exist_ok=True)
+    make_dir(kdir)
     link = kdir / valid_name("package name", package)
     for f in staged.rglob("*"):
         if f.is_file():
