@@ -507,6 +507,12 @@ def test_kmodguard_fix_asks_the_running_daemon(started, testbed, image):
     assert [o["id"] for o in doc["outcomes"]] == ["0000:00:05.0"]
     assert len(history(image)) == before + 1
     assert daemon.wait_until(lambda s: s["fixes"] == 1, 10)["last_fix"]["requested_by"] == "root"
+    # the device now backs off: asked again, the daemon has nothing to do, and the command says why
+    res = subprocess.run(["umockdev-wrapper", sys.executable, "-m", "kmodguard", "fix", "--yes", "--json",
+                          "--kver", RPM_KVER], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr
+    assert [b["id"] for b in json.loads(res.stdout)["backing_off"]] == ["0000:00:05.0"]
+    assert len(history(image)) == before + 1
 
 
 def _rpm_lock(root: Path) -> Path:

@@ -131,10 +131,21 @@ def test_a_second_run_converges_without_a_second_transaction(machine, base_root)
 def test_devices_backing_off_are_left_out_unless_named(machine):
     kmg, root = machine
     kmg("fix", "--yes", "--json", "--kver", KVER)  # fails to load: every device backs off
-    doc = kmg("fix", "--dry-run", "--json", "--kver", KVER, check_code=0).json
+    # not "nothing to fix": the devices left out are named, with until when, and the exit is 3
+    doc = kmg("fix", "--dry-run", "--json", "--kver", KVER, check_code=3).json
     assert doc["devices"] == [] and doc["install"] == []
+    backing = {b["id"]: b for b in doc["backing_off"]}
+    assert "0000:00:05.0" in backing and backing["0000:00:05.0"]["until"].endswith("Z")
+    status = kmg("status", "--json", "--kver", KVER, check_code=3).json
+    assert sorted(b["id"] for b in status["backing_off"]) == sorted(backing)
+    text = kmg("fix", "--kver", KVER, check_code=3)
+    assert "nothing to fix" not in text.stdout
+    for device_id, b in backing.items():
+        assert f"{device_id}: backing off after" in text.stdout and f"until {b['until']}" in text.stdout
+    again = kmg("fix", "--yes", "--json", "--kver", KVER, check_code=3).json
+    assert sorted(b["id"] for b in again["backing_off"]) == sorted(backing)
     named = kmg("fix", "--dry-run", "--json", "--kver", KVER, "0000:00:05.0", check_code=3).json
-    assert [d["id"] for d in named["devices"]] == ["0000:00:05.0"]
+    assert [d["id"] for d in named["devices"]] == ["0000:00:05.0"] and named["backing_off"] == []
 
 
 def test_exact_version_in_no_repository_exits_5_and_says_what_to_do(machine, repo, tmp_path):
@@ -226,6 +237,13 @@ def test_fix_without_root_is_not_authorized(machine, unprivileged):
     assert res.returncode == 4, res.stdout + res.stderr
     assert json.loads(res.stdout)["error"]["name"] == "NotAuthorized"
     assert "--dry-run" in res.stderr  # what to do instead
+    # nor may it run a fix request (the daemon's, run as root): 4 and a clear message, no PermissionError
+    request = Path(kmg.env["KMODGUARD_STATE_DIR"]) / "fix-request.json"
+    res = subprocess.run(unprivileged.command("fix", "--yes", "--json", "--request", str(request)),
+                         capture_output=True, text=True, env=unprivileged.env(kmg.env))
+    assert res.returncode == 4, res.stdout + res.stderr
+    assert json.loads(res.stdout)["error"]["name"] == "NotAuthorized"
+    assert "only root may run it" in res.stderr and "PermissionError" not in res.stdout + res.stderr
 
 
 # --- a kill at any step, then a new run: the same end state as one uninterrupted run ---------

@@ -51,7 +51,16 @@ def status(args) -> int:
     else:
         _print_status(paths, engine.env, engine.diagnoser, judged, show_all=args.all,
                       daemon=read_snapshot(paths.snapshot))
-    return _exit_for(v for _, v in judged)
+        _print_backing_off(engine.backing_off(judged))
+    code = _exit_for(v for _, v in judged)
+    return code if code != ExitCode.OK or not engine.backing_off(judged) else ExitCode.ACTION_NEEDED
+
+
+def _print_backing_off(backing: list[dict]) -> None:
+    """A line per device that waits out a back-off after a failed fix (`fix` leaves it out until then)."""
+    for b in backing:
+        print(f"{safe(b['id'], 60)}: backing off after {b.get('failures', 1)} failed fix(es) until {b['until']}"
+              f" ('kmodguard fix {safe(b['id'], 60)}' tries now): {safe(b.get('reason'), 200)}")
 
 
 def _notes(paths, env, diagnoser) -> list[str]:
@@ -332,9 +341,18 @@ def _size(n: int | None) -> str:
     return "?" if n is None else f"{n / 1048576:.1f} MiB" if n >= 1048576 else f"{n / 1024:.0f} KiB"
 
 
-def _print_plan(plan, env) -> None:
+def _backing_off(engine, refs: list[str]) -> list[dict]:
+    """Devices left out (no device named) because they back off after a failed fix."""
+    if refs:
+        return []  # named devices are tried even while they back off
+    return engine.backing_off(engine.judge(engine.select([], honour_backoff=False)))
+
+
+def _print_plan(plan, env, backing: list[dict] = ()) -> None:
+    _print_backing_off(list(backing))
     if not plan.devices:
-        print("nothing to fix: no device needs a package or a module")
+        if not backing:
+            print("nothing to fix: no device needs a package or a module")
         return
     for d in plan.devices:
         extra = f" (needed at boot: {d.boot_critical})" if d.boot_critical else ""
@@ -373,6 +391,7 @@ def fix(args) -> int:
                             hint="'kmodguard fix --dry-run' shows the plan without root")
     engine = Engine(paths)
     plan = engine.plan(engine.judge(engine.select(args.devices)))
+    backing = _backing_off(engine, args.devices)
     backend = None
     asks = not args.yes and not args.json
     if plan.install and (args.dry_run or asks or plan.blocked):  # sizes for a person to decide on
@@ -380,10 +399,10 @@ def fix(args) -> int:
         plan = engine.with_sizes(plan, backend, progress)
     if args.dry_run or not plan.needs_action or plan.blocked:
         if args.json:
-            emit_json(plan.as_json())
+            emit_json({**plan.as_json(), "backing_off": backing})
         else:
-            _print_plan(plan, engine.env)
-        return ExitCode.ACTION_NEEDED if plan.needs_action else ExitCode.OK
+            _print_plan(plan, engine.env, backing)
+        return ExitCode.ACTION_NEEDED if plan.needs_action or backing else ExitCode.OK
     if not args.yes and not _confirmed(plan, engine.env):
         return ExitCode.ACTION_NEEDED
     code, doc = engine.run_fix(plan, backend or engine.backend(args.backend), progress)
@@ -424,6 +443,11 @@ def _fix_request(args, paths) -> int:
 
     if args.devices or args.dry_run:
         raise InvalidInput("--request names the devices itself; it does not go with DEVICE or --dry-run")
+    if os.geteuid() != 0:
+        from ..errors import NotAuthorized
+
+        raise NotAuthorized("'kmodguard fix --request' runs a fix the daemon asked for: only root may run it",
+                            hint="'sudo kmodguard fix' asks the daemon for a fix")
     from .output import outlive_the_reader
 
     outlive_the_reader()  # a daemon restarted meanwhile no longer reads our output: go on regardless
@@ -491,12 +515,20 @@ def _fix_through_daemon(args, paths) -> int:
         engine = Engine(paths)
         plan = engine.plan(engine.judge(engine.select(args.devices)))
         if not plan.needs_action or plan.blocked:
-            _print_plan(plan, engine.env)
-            return ExitCode.ACTION_NEEDED if plan.needs_action else ExitCode.OK
+            backing = _backing_off(engine, args.devices)
+            _print_plan(plan, engine.env, backing)
+            return ExitCode.ACTION_NEEDED if plan.needs_action or backing else ExitCode.OK
         if not _confirmed(plan, engine.env):
             return ExitCode.ACTION_NEEDED
     options = {"backend": args.backend} if args.backend else {}
     code, doc = client.fix(args.devices, options, progress)
+    backing = [] if args.devices else _backing_off(Engine(paths), [])
+    if backing:
+        doc = {**doc, "backing_off": backing}
+        if not args.json:
+            _print_backing_off(backing)
+        if code == ExitCode.OK:
+            code = ExitCode.ACTION_NEEDED  # not "nothing to do": these wait out a back-off
     _print_fix(doc, args.json)
     return code
 

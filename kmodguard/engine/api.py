@@ -52,7 +52,15 @@ class Engine:
             "environment": {**self.env.as_json(), "index": self.index_json()},
             "daemon": daemon,
             "devices": [device_json(d, v) for d, v in judged],
+            "backing_off": self.backing_off(judged),
         }
+
+    def backing_off(self, judged: Judged) -> list[dict]:
+        """Devices that still need a driver and wait out a back-off after a failed fix: `fix`
+        without device names leaves them out until then ([{"id", "until", ...}])."""
+        from .state import Backoff
+
+        return Backoff(self.paths.state_dir).backing_off([d.id for d, v in judged if v.verdict in NEEDS_ACTION])
 
     def explain_document(self, modaliases: list[str]) -> tuple[dict, list[Verdict]]:
         verdicts = [self.diagnoser.explain(check_modalias(m)) for m in modaliases]

@@ -110,6 +110,19 @@ class Backoff:
             return 0.0
         return max(0.0, float(entry.get("next", 0)) - (now or time.time()))
 
+    def backing_off(self, ids, now: float | None = None) -> list[dict]:
+        """Those of these devices that wait before the next automatic try: [{"id", "until",
+        "failures", "reason"}], "until" in UTC as ISO 8601."""
+        now = now or time.time()
+        out = []
+        for device_id in ids:
+            if self.waiting(device_id, now):
+                entry = self.entries[device_id]
+                until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(entry.get("next", 0))))
+                out.append({"id": device_id, "until": until, "failures": int(entry.get("failures", 0)),
+                            "reason": str(entry.get("reason") or "")})
+        return out
+
     def failed(self, device_id: str, reason: str) -> None:
         entry = self.entries.get(device_id) if isinstance(self.entries.get(device_id), dict) else {}
         failures = int(entry.get("failures", 0)) + 1
@@ -122,7 +135,8 @@ class Backoff:
 
     def save(self) -> None:
         make_dir(self.path.parent)
-        write_atomic(self.path, json.dumps(self.entries, indent=1, sort_keys=True).encode(), 0o600)
+        # world-readable, as the daemon's snapshot is: `kmodguard status` by anyone names them
+        write_atomic(self.path, json.dumps(self.entries, indent=1, sort_keys=True).encode(), 0o644)
 
 
 def lock_held(state_dir: Path) -> bool:
