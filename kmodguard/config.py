@@ -6,6 +6,7 @@ options that arrive over D-Bus, so every bad value gets the same clear message.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -72,6 +73,36 @@ def _strings(where: str, value) -> tuple[str, ...]:
     return tuple(value)
 
 
+# Buses (/sys/bus/*, the subsystem of a device) whose devices carry modaliases. auto_buses names
+# these exactly as sysfs spells them (lower case): "PCI" would silently match no device.
+KNOWN_BUSES = (
+    "acpi", "amba", "ap", "auxiliary", "bcma", "ccw", "cdx", "css", "dfl", "eisa", "fsl-mc", "gameport",
+    "hdaudio", "hid", "i2c", "i3c", "ieee1394", "ipack", "ishtp", "isa", "mdio_bus", "mei", "mhi", "mmc",
+    "nvmem", "of", "parisc", "pci", "pci_express", "pcmcia", "platform", "pnp", "rapidio", "rpmsg", "scsi",
+    "sdio", "serial", "serio", "soundwire", "spi", "ssb", "tee", "thunderbolt", "typec", "ulpi", "usb",
+    "vdpa", "vio", "virtio", "vmbus", "wmi", "xen", "xen-backend", "zorro",
+)
+
+
+def _known_buses() -> set[str]:
+    """The list above, and every bus this machine's kernel has (a bus is known where it exists)."""
+    try:
+        return set(KNOWN_BUSES) | set(os.listdir("/sys/bus"))
+    except OSError:
+        return set(KNOWN_BUSES)
+
+
+def _buses(where: str, value) -> tuple[str, ...]:
+    buses = _strings(where, value)
+    known = _known_buses()
+    for bus in buses:
+        if bus not in known:
+            hint = f" (did you mean {bus.lower()!r}?)" if bus.lower() in known else ""
+            raise InvalidInput(f"{where}: {bus[:64]!r} is not a bus kmodguard knows{hint}; "
+                               f"known buses: {', '.join(sorted(known))}")
+    return buses
+
+
 def _choice(where: str, value, choices) -> str:
     if value not in choices:
         raise InvalidInput(f"{where} must be one of {', '.join(choices)}, not {value!r}")
@@ -100,7 +131,7 @@ def validate(raw: dict, where: str = "configuration") -> Config:
     if "mode" in raw:
         kw["mode"] = _choice(f"{where}: mode", raw["mode"], MODES)
     if "auto_buses" in raw:
-        kw["auto_buses"] = _strings(f"{where}: auto_buses", raw["auto_buses"])
+        kw["auto_buses"] = _buses(f"{where}: auto_buses", raw["auto_buses"])
     if "packages" in raw:
         kw["packages"] = _strings(f"{where}: packages", raw["packages"])
     if "initramfs" in raw:

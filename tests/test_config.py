@@ -1,5 +1,7 @@
 """Policy files: defaults, drop-ins, and a clear message for every bad value."""
 
+from pathlib import Path
+
 import pytest
 
 from kmodguard import config
@@ -66,3 +68,19 @@ def test_cli_reports_bad_config_without_traceback(kmodguard, world):
     assert res.returncode == 2
     assert "mode must be one of" in res.json["error"]["message"]
     assert res.json["error"]["name"] == "InvalidInput"
+
+
+@pytest.mark.parametrize("value, says", [
+    ('["PCI"]', "'PCI' is not a bus kmodguard knows (did you mean 'pci'?)"),
+    ('["pci", "pcie-ish"]', "'pcie-ish' is not a bus kmodguard knows"),
+])
+def test_auto_buses_names_buses_as_sysfs_spells_them(kmodguard, value, says):
+    """"PCI" matched no device, silently: `config check` refuses it and lists the known buses."""
+    etc = Path(kmodguard.env["KMODGUARD_CONFIG_DIR"])
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "kmodguard.toml").write_text(f"auto_buses = {value}\n")
+    res = kmodguard("config", "check")
+    assert res.returncode != 0, res.stdout
+    assert says in res.stderr and "known buses: " in res.stderr and "virtio" in res.stderr, res.stderr
+    (etc / "kmodguard.toml").write_text('auto_buses = ["pci", "usb", "virtio"]\n')
+    assert kmodguard("config", "check").returncode == 0
