@@ -118,7 +118,13 @@ def _modalias(device: pyudev.Device) -> str | None:
             value = device.properties.get("MODALIAS")
         except UnicodeDecodeError:
             value = device.attributes.get("modalias")
-    return _text(value)
+    # Only the newline sysfs ends an attribute with goes: strip() would also remove leading or
+    # trailing control bytes (\x0b, \x1c, \r, ...), which the modalias check must see and refuse.
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "surrogateescape")
+    if value is None:
+        return None
+    return value.removesuffix("\n") or None
 
 
 def _autoprobe(device: pyudev.Device) -> bool | None:

@@ -539,6 +539,16 @@ def test_hostile_control_characters(indexed, tmp_path, raw):
     assert "0000:00:01.0" in res.stdout and "malformed modalias" in res.stdout
 
 
+@pytest.mark.parametrize("raw", [b"pci:v0000AAAA\x0b", b"\x1cpci:v0000AAAA", b"pci:v0000AAAA\x1f\x1e ",
+                                 b"\x0cpci:v0000AAAA\t"], ids=["trailing-vt", "leading-fs", "trailing-us-rs", "ff-tab"])
+def test_control_bytes_at_either_end_are_kept_and_refused(indexed, tmp_path, raw):
+    """Whitespace to str.strip() (\x0b, \x1c..\x1f, \x0c, \t, blanks) is a control byte to a modalias:
+    kept as the device wrote it, and refused, not silently trimmed into a well-formed one."""
+    doc = _hostile_run(indexed, tmp_path, {"0000:00:01.0": raw}, "--json").json
+    dev = _judged_despite(doc, "0000:00:01.0", "only printable ASCII")
+    assert dev["modalias"] == raw.decode()
+
+
 def test_hostile_shell_metacharacters(indexed, tmp_path):
     marker = tmp_path / "PWNED"
     bad = {
