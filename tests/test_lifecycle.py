@@ -543,6 +543,26 @@ def test_check_in_offer_mode_announces_and_installs_nothing(machine, tmp_path):
     assert "kmodguard check: every device" in kmg.with_devices(BOUND, tmp_path)("check", check_code=0).stdout
 
 
+def test_check_apply_policy_journal_entry_has_the_daemons_message_id_and_fields(machine, tmp_path):
+    """kmodguard-check.service's announcement is the daemon's: the README's MESSAGE_ID with DEVICE=,
+    MODALIAS=, PACKAGE=, MODULE= (a journal catcher stands for journald)."""
+    from journal import JOURNAL_CATCHER
+
+    kmg, _ = machine
+    kmg = kmg.with_devices(BOUND + EXTRA_DEVICE, tmp_path)
+    cmd = ["unshare", "-m", "--propagation", "private", sys.executable, "-c", JOURNAL_CATCHER,
+           "umockdev-run", "--device", str(kmg.umockdev), "--", sys.executable, "-m", "kmodguard",
+           "check", "--apply-policy"]
+    # JOURNAL_STREAM: as systemd sets it for kmodguard-check.service, whose log then goes to the journal
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**kmg.env, "JOURNAL_STREAM": "8:1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    caught = json.loads(out.stdout.strip().splitlines()[-1])
+    assert caught["rc"] == 3
+    (entry,) = [e for e in caught["entries"] if e.get("MESSAGE_ID") == "c167d616d03446fb8fe127f7a6b46fa6"]
+    assert entry["DEVICE"].endswith("/0000:00:07.0") and entry["MODALIAS"], entry
+    assert entry["PACKAGE"] == "kernel-modules-extra" and entry["MODULE"] == "kmg_extra_xz", entry
+
+
 def test_check_in_auto_mode_fixes_the_devices_on_auto_buses(machine, tmp_path):
     kmg, root = machine
     etc = Path(_config(kmg, 'mode = "auto"\nbackend = "dnf"\n[timeouts]\nsettle = 0.2\nlock_wait = 5\n'))

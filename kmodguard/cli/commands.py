@@ -598,9 +598,14 @@ def _apply_policy(engine, plan, need) -> dict:
     daemon = read_snapshot(engine.paths.snapshot)
     if mode == "off":
         return {"action": "none", "detail": "mode off"}
-    for d, v in need:
+    from ..daemon.systemd import fields
+
+    for d, v in need:  # the daemon's journal entry, MESSAGE_ID and fields (README: "needs a driver")
+        first = v.candidates[0] if v.candidates else None
         log.warning("%s needs a driver: %s: %s", d.id, v.verdict, v.reason,
-                    extra={"DEVICE": d.syspath, "MODALIAS": d.modalias, "KMODGUARD_VERDICT": v.verdict})
+                    extra=fields("needs-driver", device=d.syspath, modalias=d.modalias,
+                                 package=first.package if first else None,
+                                 module=first.module if first else None, kmodguard_verdict=v.verdict))
     if mode == "offer" or not engine.auto_eligible(plan.devices):
         if daemon is None:  # the daemon keeps the MOTD when it runs
             candidates = {a.id: a for a in plan.devices}
