@@ -34,7 +34,7 @@ USER_DATA = (REPO / "docs" / "cloud-init" / "auto-fix-gpus.yaml").read_text()  #
 
 
 def entry(hint: float, **kw) -> Entry:
-    return Entry(SystemdScenario(timeout=max(600.0, 3 * hint), **kw), hint)
+    return Entry(SystemdScenario(timeout=max(900.0, 4 * hint), **kw), hint)  # as test_scenarios.entry
 
 
 SCENARIOS = {
