@@ -293,10 +293,7 @@ def document(scn: SystemdScenario, build: Build, results: list[dict], wall: floa
     """What `tests/e2e/run --init systemd --json` prints (tests/e2e/run --help documents it)."""
     last = results[-1]
     message_ids = sorted({m for r in results for m in r.get("message_ids", [])})
-    offsets = []
-    for boot_marks in marks:
-        found = [t - info["unix"] for t, _, info in boot_marks if isinstance(info.get("unix"), (int, float))]
-        offsets.append(min(found) if found else None)
+    offsets = [harness.clock_offset(boot_marks) for boot_marks in marks]
     timings: dict = {}
     first = results[0]
     agent = next((t for t, tag, _ in marks[0] if tag == "AGENT"), None) if marks else None

@@ -290,8 +290,8 @@ def dracut_calls() -> list[dict]:
     return calls
 
 
-def lsinitrd_modules() -> list[str]:
-    proc = run(["lsinitrd", str(IMAGE)], timeout=600)
+def lsinitrd_modules(image: Path = IMAGE) -> list[str]:
+    proc = run(["lsinitrd", str(image)], timeout=600)
     found = set()
     for line in proc.stdout.splitlines():
         base = os.path.basename(line.split(" -> ")[0].rstrip())

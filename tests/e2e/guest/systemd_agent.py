@@ -50,6 +50,7 @@ SNAPSHOT = Path("/run/kmodguard/state.json")
 MOTD = Path("/run/motd.d/kmodguard")
 POLKIT_RULE = Path("/etc/polkit-1/rules.d/50-kmg-e2e.rules")
 FIXERS = ("kmgfix", "kmgfixer")  # the group a polkit rule lets fix, and its member
+UNINDEXED_ID = "5286700606504ef88575b02c65f313d2"  # README: the cannot-judge (no index) MESSAGE_ID
 DEST = ("org.kmodguard.Daemon1", "/org/kmodguard/Daemon1", "org.kmodguard.Daemon1")
 T_START = time.time()
 DEADLINE = time.monotonic() + max(120.0, SCENARIO["timeout"] - 180)
@@ -66,6 +67,18 @@ def show(unit: str, *props: str) -> dict[str, str]:
 
 def active(unit: str) -> str:
     return show(unit, "ActiveState")["ActiveState"]
+
+
+def states() -> dict[str, str]:
+    """{unit: ActiveState} of kmodguard's units in one systemctl call (each costs most of a second
+    under TCG, beside the fix it waits for)."""
+    out = systemctl("show", "--property=Id", "--property=ActiveState", *UNITS).stdout
+    found: dict[str, str] = {}
+    for block in out.split("\n\n"):
+        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        if "Id" in props:
+            found[props["Id"]] = props.get("ActiveState", "")
+    return found
 
 
 def wait(what: str, done, timeout: float | None = None, step: float = 0.5):
@@ -99,12 +112,16 @@ def provision(start: bool) -> dict:
     if "no-index" not in SCENARIO["probes"]:
         install_index()
     if not SCENARIO["dnf_plugin"]:
-        plugin = Path("/etc/dnf/plugins/kmodguard.conf")
-        plugin.write_text(plugin.read_text().replace("enabled=1", "enabled=0"))
+        disable_dnf_plugin()
     for unit in SCENARIO["enable"]:
         systemctl("enable", *(["--now"] if start else []), unit)
     info["enabled"] = {u: systemctl("is-enabled", u).stdout.strip() for u in UNITS}
     return info
+
+
+def disable_dnf_plugin() -> None:
+    plugin = Path("/etc/dnf/plugins/kmodguard.conf")  # the RPM's %config file
+    plugin.write_text(plugin.read_text().replace("enabled=1", "enabled=0"))
 
 
 def install_index() -> None:
@@ -139,10 +156,10 @@ def watch_bound() -> None:
             BOUND[address] = time.time()
 
 
-def fix_idle() -> bool:
+def fix_idle(state: dict[str, str]) -> bool:
     """No fix runs and none is asked for: the fix and check units are not starting or running."""
-    return (not REQUEST.exists() and active("kmodguard-fix.service") not in ("activating", "deactivating")
-            and active("kmodguard-check.service") not in ("activating",))
+    return (not REQUEST.exists() and state.get("kmodguard-fix.service") not in ("activating", "deactivating")
+            and state.get("kmodguard-check.service") != "activating")
 
 
 def settled(expect_bound: bool) -> bool:
@@ -150,9 +167,10 @@ def settled(expect_bound: bool) -> bool:
     it runs) has judged every device and runs no fix; and, when expected, every device is bound."""
     watch_bound()
     devs = devices()
-    if any(d["address"] is None for d in devs) or not fix_idle():
+    state = states()
+    if any(d["address"] is None for d in devs) or not fix_idle(state):
         return False
-    if active("kmodguard.service") == "active":
+    if state.get("kmodguard.service") == "active":
         snap = read_json(SNAPSHOT) or {}
         if snap.get("fix_running"):
             return False
@@ -246,20 +264,9 @@ def upgrade() -> dict:
     return {"indexes": indexes[-3000:], "command": cmd, "exit": proc.returncode, "seconds": seconds, "stdout": proc.stdout[-6000:],
             "stderr": proc.stderr[-3000:], "motd_kernel": common._read(Path("/run/motd.d/kmodguard-kernel")),
             "motd": common._read(MOTD), "image": str(image), "image_exists": image.exists(),
-            "image_modules": lsinitrd(image) if image.exists() else [],
+            "image_modules": common.lsinitrd_modules(image) if image.exists() else [],
             "kernel_modules_b": run(["rpm", "-q", f"kernel-modules-{b_uname.rsplit('.', 1)[0]}"]).stdout.strip(),
             "unix": t}
-
-
-def lsinitrd(image: Path) -> list[str]:
-    proc = run(["lsinitrd", str(image)], timeout=600)
-    found = set()
-    for line in proc.stdout.splitlines():
-        base = os.path.basename(line.split(" -> ")[0].rstrip())
-        for sfx in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
-            if base.endswith(sfx):
-                found.add(base[: -len(sfx)].replace("-", "_"))
-    return sorted(found)
 
 
 # --- what happened ---------------------------------------------------------------------------------
@@ -367,7 +374,7 @@ def main() -> int:
         if ROLE == "main":
             if "no-index" in SCENARIO["probes"]:
                 # the daemon started without an index: it cannot judge; then the index, and a reload
-                wait("the daemon's cannot-judge entry", lambda: "5286700606504ef88575b02c65f313d2" in run(
+                wait("the daemon's cannot-judge entry", lambda: UNINDEXED_ID in run(
                     ["journalctl", "-b", "-o", "cat", "--output-fields=MESSAGE_ID", "-u", "kmodguard.service"]).stdout,
                     timeout=60)
                 install_index()
@@ -391,8 +398,7 @@ def main() -> int:
                 extra["upgrade"] = upgrade()
         elif ROLE == "upgrade":
             if not SCENARIO["dnf_plugin"]:
-                plugin = Path("/etc/dnf/plugins/kmodguard.conf")
-                plugin.write_text(plugin.read_text().replace("enabled=1", "enabled=0"))
+                disable_dnf_plugin()
             wait("kmodguard to be done", lambda: settled(True), timeout=600)
             extra["upgrade"] = upgrade()
         elif ROLE in ("instance", "again", "upgraded"):
