@@ -339,13 +339,14 @@ def collect(extra: dict) -> dict:
             shutil.copyfile(f, OUT / f"run-cloud-init-{BOOT}" / f.name)
     own, unit_entries = journal()
     devs = devices()
+    loaded, transactions = units(), module_transactions()
     ids = sorted({e["MESSAGE_ID"] for e in own if e.get("MESSAGE_ID")})
     failed = systemctl("--failed", "--plain", "--no-legend").stdout.split("\n")
     result = {
-        "boot": BOOT, "role": ROLE, "kernel": KVER, "devices": devs, "units": units(),
-        "hardening": show("kmodguard.service", *HARDENING) if "kmodguard.service" in units() else {},
+        "boot": BOOT, "role": ROLE, "kernel": KVER, "devices": devs, "units": loaded,
+        "hardening": show("kmodguard.service", *HARDENING) if "kmodguard.service" in loaded else {},
         "message_ids": ids, "journal": own, "unit_journal": unit_entries,
-        "module_transactions": len(module_transactions()), "transactions_detail": module_transactions(),
+        "module_transactions": len(transactions), "transactions_detail": transactions,
         "packages": common.rpm_packages(),
         "motd": common._read(MOTD),
         "status_text": systemctl("status", "--no-pager", "--lines=0", "kmodguard.service").stdout[-1500:],
