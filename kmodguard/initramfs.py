@@ -23,12 +23,11 @@ import logging
 import os
 import re
 import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
+from . import process
 from .errors import InvalidInput, KmodguardError
 from .fsutil import copy_atomic, fsync_dir, make_dir, write_atomic
 from .paths import Paths
@@ -546,18 +545,12 @@ def _tool(name: str) -> str:
                                        if os.path.exists(p)), name)
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "LC_ALL": "C"}
-
-
 def image_modules(image: Path, timeout: float = 120) -> set[str]:
     """The kernel modules inside an initramfs image (normalized names), as lsinitrd lists them."""
     try:
-        proc = subprocess.run([_tool("lsinitrd"), str(image)], capture_output=True, env=_env(), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise InitramfsFailed(f"lsinitrd {image} did not finish within {timeout:g} s") from None
-    except OSError as exc:
-        raise InitramfsFailed(f"cannot run lsinitrd: {exc.strerror or exc}") from None
+        proc = process.run([_tool("lsinitrd"), str(image)], timeout, "lsinitrd", text=False)
+    except KmodguardError as exc:
+        raise InitramfsFailed(f"lsinitrd {image}: {exc.message}") from None
     if proc.returncode != 0:
         raise InitramfsFailed(f"lsinitrd {image} failed (exit {proc.returncode})",
                               hint=_tail(proc.stderr or proc.stdout))
@@ -621,16 +614,6 @@ class _Lock:
         os.close(self.fd)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        proc.kill()
-    proc.wait()
-
-
 def _unlink(path: Path) -> None:
     try:
         path.unlink()
@@ -685,19 +668,14 @@ def rebuild(kver: str, modules: Iterable[str], paths: Paths, timeout: float = 60
         cmd = dracut_command(kver, loadable, tmp, paths, dracut_args)
         log.info("rebuilding %s: %s", image, " ".join(cmd))
         try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    env=_env(), start_new_session=True, pass_fds=(lock.fd,))
-        except OSError as exc:
-            raise InitramfsFailed(f"cannot run dracut: {exc.strerror or exc}") from None
-        try:
-            output, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            proc = process.run(cmd, max(deadline - time.monotonic(), 0.1), "dracut", merge_stderr=True,
+                               pass_fds=(lock.fd,), text=False)
+        except process.CommandTimedOut:
             raise InitramfsFailed(f"dracut did not finish within {timeout:g} s; the previous image is unchanged") \
                 from None
-        except BaseException:
-            _kill_group(proc)
-            raise
+        except KmodguardError as exc:
+            raise InitramfsFailed(exc.message) from None
+        output = proc.stdout
         if proc.returncode != 0:
             raise InitramfsFailed(f"dracut failed (exit {proc.returncode}); the previous image is unchanged",
                                   hint=_tail(output))

@@ -8,12 +8,11 @@ installed), then dpkg (ROOT/var/lib/dpkg/status) about what rpm does not know.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
+from .. import process
 from ..backends._rpmdb import rpm_database
 from ..errors import InvalidInput
 
@@ -24,10 +23,6 @@ def _inside(root: Path, path: str) -> str:
     if root_s and path.startswith(root_s + "/"):
         return path[len(root_s):]
     return path
-
-
-def _env() -> dict:
-    return {**os.environ, "LC_ALL": "C"}
 
 
 def _rpm(root: Path) -> list[str] | None:
@@ -62,8 +57,7 @@ def owners(paths: list[str], root: Path = Path("/"), full: bool = False) -> dict
     dpkg = _dpkg(root)
     rest = [p for p in paths if out[p] is None]
     if dpkg is not None and rest:
-        res = subprocess.run([*dpkg, "-S", *(inside[p] for p in rest)], capture_output=True, text=True,
-                             env=_env(), timeout=120)
+        res = process.run([*dpkg, "-S", *(inside[p] for p in rest)], 120)
         by_file = {}
         for line in res.stdout.splitlines():
             pkgs, _, file = line.partition(": ")
@@ -77,7 +71,7 @@ def _rpm_owners(rpm: list[str], files: list[str], qf: str) -> dict[str, str | No
     in order, one line per file it owns ("file X is not owned by any package" when the file exists
     but no package has it), and on stderr "error: file X: ..." for a file it cannot find: rpm looks
     that file up outside --root, so files that only dpkg knows often end up there."""
-    res = subprocess.run([*rpm, "-qf", "--qf", qf, *files], capture_output=True, text=True, env=_env(), timeout=120)
+    res = process.run([*rpm, "-qf", "--qf", qf, *files], 120)
     errors = {m.group(1) for m in re.finditer(r"^error: file (/.*): [^:\n]*$", res.stderr, re.M)}
     answering = [f for f in files if f not in errors]
     lines = res.stdout.splitlines()
@@ -86,15 +80,14 @@ def _rpm_owners(rpm: list[str], files: list[str], qf: str) -> dict[str, str | No
     # a file two packages own answers two lines: ask about each file alone (rare)
     out = {}
     for f in answering:
-        one = subprocess.run([*rpm, "-qf", "--qf", qf, f], capture_output=True, text=True, env=_env(), timeout=60)
+        one = process.run([*rpm, "-qf", "--qf", qf, f], 60)
         first = one.stdout.splitlines()[:1]
         out[f] = first[0] if one.returncode == 0 and first and " " not in first[0] else None
     return out
 
 
 def _rpm_installed(rpm: list[str] | None, package: str) -> bool:
-    return rpm is not None and subprocess.run([*rpm, "-q", "--quiet", package], capture_output=True,
-                                              env=_env(), timeout=60).returncode == 0
+    return rpm is not None and process.run([*rpm, "-q", "--quiet", package], 60).returncode == 0
 
 
 def package_files(package: str, root: Path = Path("/")) -> list[str]:
@@ -102,9 +95,9 @@ def package_files(package: str, root: Path = Path("/")) -> list[str]:
     rpm, dpkg = _rpm(root), _dpkg(root)
     res = None
     if _rpm_installed(rpm, package):
-        res = subprocess.run([*rpm, "-ql", package], capture_output=True, text=True, env=_env(), timeout=120)
+        res = process.run([*rpm, "-ql", package], 120)
     elif dpkg is not None:
-        res = subprocess.run([*dpkg, "-L", package], capture_output=True, text=True, env=_env(), timeout=120)
+        res = process.run([*dpkg, "-L", package], 120)
     if res is None or res.returncode != 0:
         raise InvalidInput(f"{package} is not installed", hint="'rpm -qa' (or 'dpkg -l') lists what is")
     return [line for line in res.stdout.splitlines() if line.startswith("/")]
@@ -122,8 +115,7 @@ def sizes(packages: list[str], root: Path = Path("/")) -> dict[str, dict]:
     if rpm is not None:
         rest = []
         for package in packages:  # one query each: a name may match several installed versions
-            res = subprocess.run([*rpm, "-q", "--qf", "%{LONGSIZE} %{LONGSIGSIZE}\\n", package], capture_output=True,
-                                 text=True, env=_env(), timeout=60)
+            res = process.run([*rpm, "-q", "--qf", "%{LONGSIZE} %{LONGSIGSIZE}\\n", package], 60)
             fields = res.stdout.split()
             if res.returncode != 0 or len(fields) != 2 or not all(f.isdigit() for f in fields):
                 rest.append(package)
@@ -131,8 +123,7 @@ def sizes(packages: list[str], root: Path = Path("/")) -> dict[str, dict]:
             out[package] = {"installed_bytes": int(fields[0]), "package_bytes": int(fields[1])}
     if dpkg is not None:
         for package in rest:
-            res = subprocess.run([*dpkg, "-W", "-f", "${Installed-Size}", package], capture_output=True, text=True,
-                                 env=_env(), timeout=60)
+            res = process.run([*dpkg, "-W", "-f", "${Installed-Size}", package], 60)
             kib = res.stdout.strip()
             if res.returncode == 0 and kib.isdigit():
                 out[package] = {"installed_bytes": int(kib) * 1024, "package_bytes": None}

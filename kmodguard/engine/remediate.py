@@ -11,11 +11,11 @@ import errno
 import logging
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import NamedTuple
 
+from .. import process
 from ..backends import Backend, Progress
 from ..config import Config
 from ..errors import ExitCode, KmodError, KmodguardError, PackageUnavailable
@@ -181,7 +181,7 @@ class Remediation:
             if base != Path("/"):
                 args += ["-b", str(base)]
         args.append(mdir.name)
-        res = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}, timeout=300)
+        res = process.run(args, 300, "depmod")
         if res.returncode != 0:
             raise KmodguardError(f"depmod failed: {res.stderr.strip()}")
 

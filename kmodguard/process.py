@@ -1,0 +1,138 @@
+"""Running an external command: the one way kmodguard does it.
+
+An argument list (never a shell), LC_ALL=C so that output parses the same everywhere, no stdin,
+a session of its own, output captured (up to OUTPUT_CAP bytes a stream), and a hard deadline:
+at the deadline the command's whole process group gets SIGTERM, then SIGKILL. When the command
+itself has exited, its result stands even if a child it left behind (a daemon that called setsid,
+out of reach of the group) still holds the pipes: kmodguard stops reading after EXIT_GRACE seconds
+instead of waiting for that child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import time
+
+from .errors import KmodguardError
+
+log = logging.getLogger(__name__)
+
+OUTPUT_CAP = 16 << 20  # bytes kept per stream; the rest is read and dropped
+EXIT_GRACE = 2.0  # seconds to drain the pipes after the command exited
+TERM_GRACE = 5.0  # seconds between SIGTERM and SIGKILL at the deadline
+
+
+class CommandTimedOut(KmodguardError):
+    """The command ran past its deadline and was stopped."""
+
+
+def c_locale(extra: dict | None = None) -> dict[str, str]:
+    """This process's environment with the C locale (and extra variables)."""
+    return {**os.environ, "LC_ALL": "C", "LANG": "C", **(extra or {})}
+
+
+def run(args: list[str], timeout: float, name: str | None = None, *, env_extra: dict | None = None, cwd=None,
+        merge_stderr: bool = False, pass_fds: tuple[int, ...] = (), text: bool = True,
+        timeout_hint: str | None = None) -> subprocess.CompletedProcess:
+    """Run args to completion within timeout seconds.
+
+    Returns the CompletedProcess (stdout/stderr as str, or bytes with text=False; stderr is None
+    with merge_stderr). Raises KmodguardError when the command cannot be started and
+    CommandTimedOut (after stopping it) at the deadline.
+    """
+    name = name or os.path.basename(args[0])
+    log.debug("running %s", args)
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+                                env=c_locale(env_extra), cwd=cwd, start_new_session=True, pass_fds=pass_fds)
+    except OSError as exc:
+        raise KmodguardError(f"cannot run {name}: {exc.strerror or exc}") from None
+    try:
+        out, err, timed_out = _collect(proc, time.monotonic() + timeout)
+    except BaseException:
+        _stop(proc, 0)
+        raise
+    finally:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe:
+                pipe.close()
+    if timed_out:
+        log.info("%s output before it was stopped:\n%s", name, (out + err).decode(errors="replace"))
+        raise CommandTimedOut(f"{name} did not finish within {timeout:g} s and was stopped", hint=timeout_hint)
+    decode = (lambda b: b.decode(errors="replace")) if text else (lambda b: b)
+    return subprocess.CompletedProcess(args, proc.returncode, decode(out), None if merge_stderr else decode(err))
+
+
+def _collect(proc: subprocess.Popen, deadline: float) -> tuple[bytes, bytes, bool]:
+    """(stdout, stderr, timed out) read until both pipes end, or EXIT_GRACE after the command
+    exited, or the deadline (then the group is stopped and what is buffered is read briefly)."""
+    buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()} if proc.stderr else {proc.stdout: bytearray()}
+    timed_out = False
+    drain_until = None
+    with selectors.DefaultSelector() as sel:
+        for pipe in buffers:
+            sel.register(pipe, selectors.EVENT_READ)
+        while sel.get_map():
+            now = time.monotonic()
+            if drain_until is None:
+                if proc.poll() is not None:
+                    drain_until = now + EXIT_GRACE
+                elif now >= deadline:
+                    timed_out = True
+                    _stop(proc, TERM_GRACE)
+                    drain_until = time.monotonic() + 0.5
+            elif now >= drain_until:
+                break  # a child that left the group holds the pipes: its output is not the command's
+            wait = 0.05 if drain_until is not None else min(0.2, max(deadline - now, 0.01))
+            for key, _ in sel.select(wait):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                buf = buffers[key.fileobj]
+                if len(buf) < OUTPUT_CAP:
+                    buf += chunk[:OUTPUT_CAP - len(buf)]
+    if proc.poll() is None:  # the pipes closed early and the command still runs: give it the rest of its time
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _stop(proc, TERM_GRACE)
+    values = list(buffers.values())
+    return bytes(values[0]), bytes(values[1]) if len(values) > 1 else b"", timed_out
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM to the command's process group, SIGKILL after grace seconds; reaps the command."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        if grace == 0 and sig == signal.SIGTERM:
+            continue
+        _signal_group(proc, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def last_line(res: subprocess.CompletedProcess) -> str:
+    """The last non-blank line of a command's output, for one-line error messages."""
+    lines = [line for line in ((res.stderr or "") + (res.stdout or "")).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no output)"
