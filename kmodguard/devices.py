@@ -39,10 +39,15 @@ def _text(value) -> str | None:
 
 
 def _hex(value: str | None) -> int | None:
-    try:
-        return int(value, 16) if value else None
-    except ValueError:
+    """A sysfs id such as 0x8086 (at most 8 hex digits: a longer one is no id)."""
+    if not value or not re.fullmatch(r"(0x)?[0-9a-fA-F]{1,8}", value):
         return None
+    return int(value, 16)
+
+
+def _count(value: str | None) -> int | None:
+    """A sysfs count such as sriov_numvfs: ASCII digits only ('²'.isdigit() is true), at most 6."""
+    return int(value) if value and re.fullmatch(r"[0-9]{1,6}", value) else None
 
 
 class PciFacts(NamedTuple):
@@ -148,7 +153,6 @@ def _pci_facts(device: pyudev.Device) -> PciFacts:
             os.path.realpath(os.path.join(syspath, n)) for n in os.listdir(syspath) if n.startswith("virtfn")))
     except OSError:
         virtfns = ()
-    numvfs = _attr(device, "sriov_numvfs")
     return PciFacts(
         vendor=_hex(_attr(device, "vendor")),
         device=_hex(_attr(device, "device")),
@@ -157,7 +161,7 @@ def _pci_facts(device: pyudev.Device) -> PciFacts:
         pci_class=_hex(_attr(device, "class")),
         physfn=physfn,
         virtfns=virtfns,
-        sriov_numvfs=int(numvfs) if numvfs and numvfs.isdigit() else None,
+        sriov_numvfs=_count(_attr(device, "sriov_numvfs")),
         sriov_drivers_autoprobe=autoprobe,
     )
 

@@ -307,6 +307,17 @@ def test_sriov_vfs_of_a_pf_with_autoprobe_on_are_judged_normally(indexed, tmp_pa
         assert devs[vf]["pci"]["sriov_drivers_autoprobe"] is True
 
 
+@pytest.mark.parametrize("numvfs,vendor", [("9" * 5000, "0x" + "f" * 5000), ("\u00b2", "0x\u0661\u0662"),
+                                           ("-1", "zz"), ("", "")])
+def test_hostile_sysfs_numbers_are_no_numbers(indexed, tmp_path, numvfs, vendor):
+    # Python refuses int() of 4,300+ digits and takes '\u00b2'.isdigit() as true: neither may end the command.
+    pf = pci("0000:00:07.0", ALIAS["installed"], driver="kmg_core_nic",
+             attrs={"sriov_numvfs": numvfs, "vendor": vendor, "device": "0x0001"})
+    doc = status_json(indexed, pf, tmp_path, code=0)
+    facts = by_id(doc)["0000:00:07.0"]["pci"]
+    assert (facts["sriov_numvfs"], facts["vendor"], facts["device"]) == (None, None, "0001")
+
+
 # --- other buses -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path, subsystem, alias, module", [
