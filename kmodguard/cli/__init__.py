@@ -302,6 +302,9 @@ def _setup_logging(verbosity: int, json_lines: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     want_json = "--json" in argv
+    from .output import printable_streams
+
+    printable_streams()  # before logging takes sys.stderr
     try:
         args = build_parser().parse_args(argv)
         for name, default in COMMON_DEFAULTS.items():

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..engine.api import Engine, needs_action
-from ..engine.diagnosis import check_modalias
+from ..engine.diagnosis import MAX_MODALIAS, check_modalias
 from ..errors import ExitCode, InvalidInput, KmodguardError
 from ..paths import Paths
 from .output import HEADINGS, ORDER, emit_json, install_command, progress, safe, table
@@ -126,17 +126,36 @@ def _next_step(verdict, verdicts, env) -> str:
 
 # --- explain ------------------------------------------------------------------------------
 
+MAX_STDIN_LINES = 1_000_000  # explain reads a list, not a stream: /dev/zero or `yes` must end
+
+
 def _read_modaliases(items: list[str]) -> list[str]:
     out = []
     for item in items:
         if item == "-":
-            data = sys.stdin.buffer.read()
-            for n, raw in enumerate(data.split(b"\n"), 1):
-                line = raw.decode("utf-8", "surrogateescape").strip()
-                if line and not line.startswith("#"):
-                    out.append(_checked(line, f"stdin line {n}"))
+            out += _stdin_modaliases()
         else:
             out.append(_checked(item, f"argument {item[:40]!r}"))
+    return out
+
+
+def _stdin_modaliases() -> list[str]:
+    """One modalias a line ('#' comments); a line is refused as soon as it is too long, before
+    the rest of it is read."""
+    out = []
+    stdin = sys.stdin.buffer
+    for n in range(1, MAX_STDIN_LINES + 2):
+        raw = stdin.readline(MAX_MODALIAS + 2)
+        if not raw:
+            return out
+        if n > MAX_STDIN_LINES:
+            raise InvalidInput(f"stdin has more than {MAX_STDIN_LINES} lines", hint="split the list")
+        if len(raw) > MAX_MODALIAS + 1 or (len(raw) == MAX_MODALIAS + 1 and not raw.endswith(b"\n")):
+            raise InvalidInput(f"stdin line {n}: longer than {MAX_MODALIAS} bytes; the kernel never writes "
+                               "a longer modalias")
+        line = raw.decode("utf-8", "surrogateescape").strip(" \t\r\n")  # other control bytes: refused
+        if line and not line.startswith("#"):
+            out.append(_checked(line, f"stdin line {n}"))
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -63,6 +64,41 @@ class _OutlivesItsReader:
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
+
+
+# What a terminal would act on: C0 controls but newline and tab, DEL, C1 controls (ESC [ and
+# its one-byte form CSI start escape sequences), and bytes that were not UTF-8 (surrogates).
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\udc80-\udcff]")
+
+
+def _escape(match: re.Match) -> str:
+    c = match.group()
+    return f"\\x{ord(c) - 0xDC00:02x}" if c >= "\udc80" else f"\\x{ord(c):02x}"
+
+
+class _Printable:
+    """A text stream that shows every control character escaped: text from an index, a device or
+    a caller never reaches a terminal raw, whichever message carries it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        if _UNPRINTABLE.search(text):
+            text = _UNPRINTABLE.sub(_escape, text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def printable_streams() -> None:
+    """Escape control characters in everything kmodguard writes to stdout and stderr (JSON has
+    none raw: json.dumps escapes them)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _Printable):
+            setattr(sys, name, _Printable(stream))
 
 
 def outlive_the_reader() -> None:
