@@ -65,6 +65,9 @@ class ChildRunner:
 
 
 class UnitRunner:
+    """kmodguard-fix.service: its TimeoutStartSec= is the fix's deadline (the fix's own package
+    manager and dracut deadlines are shorter)."""
+
     name = FIX_UNIT
 
     async def run(self, request: Path, progress: Callable[[str], None]) -> int:
@@ -80,7 +83,12 @@ async def choose(environment: dict[str, str]) -> ChildRunner | UnitRunner:
             proc = await asyncio.create_subprocess_exec(
                 "systemctl", "show", "--property=LoadState", "--value", FIX_UNIT,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-            out, _ = await proc.communicate()
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), 30)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+                out = b""
             if out.decode().strip() == "loaded":
                 return UnitRunner()
         except OSError:
