@@ -56,15 +56,24 @@ class Config(NamedTuple):
     ignore: Ignore = Ignore()
     sources: tuple[str, ...] = ()  # the files read, for status and error messages
 
-    def package_allowed(self, name: str) -> bool:
+    def package_allowed(self, name: str, kernel: str | None = None) -> bool:
         """Allow-listed: an exact name, or a listed name followed by -KVER (Ubuntu's linux-modules-extra-KVER)."""
-        return self.allowed_name(name) is not None
+        return self.allowed_name(name, kernel) is not None
 
-    def allowed_name(self, name: str) -> str | None:
-        """The allow-list entry that admits `name` (the name itself, or NAME of NAME-KVER), or None."""
+    def allowed_name(self, name: str, kernel: str | None = None) -> str | None:
+        """The allow-list entry that admits `name` (the name itself, or NAME of NAME-KVER), or None.
+        KVER must have a kernel release's shape (ASCII), and be `kernel` when that is given."""
+        from .requests import KVER_RE, NAME_RE
+
+        if not isinstance(name, str) or not name.isascii() or not NAME_RE.fullmatch(name):
+            return None
         if name in self.packages:
             return name
-        return next((p for p in self.packages if name.startswith(p + "-") and name[len(p) + 1:][:1].isdigit()), None)
+        for p in self.packages:
+            kver = name[len(p) + 1:]
+            if name.startswith(p + "-") and KVER_RE.fullmatch(kver) and (kernel is None or kver == kernel):
+                return p
+        return None
 
 
 def _strings(where: str, value) -> tuple[str, ...]:

@@ -11,17 +11,20 @@ from ..errors import KmodguardError
 
 
 def split_request(request: str) -> tuple[str, str | None]:
-    """'kernel-modules-uname-r = 6.1.0-56.fc42.x86_64' -> (name, version); a bare name -> (name, None)."""
-    name, sep, version = request.partition(" = ")
-    if not name or " " in name or (sep and (not version or " " in version)):
-        raise KmodguardError(f"{request!r} is not a package request kmodguard makes (NAME or 'NAME = VERSION')")
+    """'kernel-modules-uname-r = 6.1.0-56.fc42.x86_64' -> (provide name, version), after
+    requests.parse (a request kmodguard makes, nothing else); a NAME-KVER request -> (name, None)."""
+    from .. import requests
+
+    text = requests.parse(request).text
+    name, sep, version = text.partition(" = ")
     return name, (version if sep else None)
 
 
 def rpm_provides(root: Path, request: str) -> bool:
     # rpm -q --whatprovides takes a bare name: compare the exact version ourselves.
     name, version = split_request(request)
-    args = [shutil.which("rpm") or "rpm", "-q", "--whatprovides", name, "--qf", "[%{PROVIDENAME}\\t%{PROVIDEVERSION}\\n]"]
+    args = [shutil.which("rpm") or "rpm", "-q", "--qf", "[%{PROVIDENAME}\\t%{PROVIDEVERSION}\\n]", "--whatprovides",
+            "--", name]
     if Path(root) != Path("/"):
         args[1:1] = ["--root", str(root)]
     out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}, timeout=60)

@@ -8,12 +8,17 @@ from pathlib import Path
 from ..errors import Busy, KmodguardError, PackageUnavailable
 from . import InstallResult, Offer, Progress
 from ._run import last_line, run
+from .. import requests as req
 
 
 def _name(request: str) -> str:
-    if " " in request or not request:
-        raise KmodguardError(f"{request!r} is not a Debian package name")
-    return request
+    """A NAME-KVER request (linux-modules-extra-KVER), parsed again; apt-get takes no other form."""
+    return req.checked([request], (req.NAME_KVER,), "apt-get")[0]
+
+
+def install_argv(names: list[str], opts: list[str], lock_wait: float) -> list[str]:
+    return ["apt-get", *opts, "-y", "-q", "--no-install-recommends", "-o", f"DPkg::Lock::Timeout={int(lock_wait)}",
+            "install", "--", *[_name(n) for n in names]]
 
 
 class AptBackend:
@@ -27,13 +32,13 @@ class AptBackend:
 
     def is_installed(self, request: str) -> bool:
         res = run([shutil.which("dpkg-query") or "dpkg-query", *(["--root", str(self.root)] if self.root != Path("/") else []),
-                   "-W", "-f", "${db:Status-Status}", _name(request)], 60, "dpkg-query")
+                   "-W", "-f", "${db:Status-Status}", "--", _name(request)], 60, "dpkg-query")
         return res.returncode == 0 and res.stdout.strip() == "installed"
 
     def query(self, requests: list[str], timeout: float = 120) -> list[Offer]:
         offers = []
         for request in requests:
-            res = run(["apt-cache", *self._opts(), "show", "--no-all-versions", _name(request)], timeout, "apt-cache")
+            res = run(["apt-cache", *self._opts(), "show", "--no-all-versions", "--", _name(request)], timeout, "apt-cache")
             fields = dict(line.split(": ", 1) for line in res.stdout.splitlines() if ": " in line and line[0] != " ")
             if res.returncode != 0 or "Version" not in fields:
                 offers.append(Offer(request, False))
@@ -47,8 +52,7 @@ class AptBackend:
                 progress: Progress) -> InstallResult:
         names = [_name(r) for r in requests]
         progress(f"apt-get: installing {', '.join(names)}")
-        res = run(["apt-get", *self._opts(), "-y", "-q", "--no-install-recommends",
-                   "-o", f"DPkg::Lock::Timeout={int(lock_wait)}", "install", *names], timeout, "apt-get",
+        res = run(install_argv(names, self._opts(), lock_wait), timeout, "apt-get",
                   {"DEBIAN_FRONTEND": "noninteractive"})
         output = res.stdout + res.stderr
         if res.returncode != 0:
@@ -65,7 +69,7 @@ class AptBackend:
 
     def download(self, requests: list[str], destdir: Path, timeout: float) -> list[Path]:
         destdir = Path(destdir)
-        res = run(["apt-get", *self._opts(), "download", *[_name(r) for r in requests]], timeout, "apt-get",
+        res = run(["apt-get", *self._opts(), "download", "--", *[_name(r) for r in requests]], timeout, "apt-get",
                   cwd=destdir)  # apt-get download writes into the current directory
         if res.returncode != 0:
             raise PackageUnavailable(f"apt-get download failed: {last_line(res)}")

@@ -19,7 +19,8 @@ from ..errors import Busy, KmodguardError, PackageUnavailable
 from . import InstallResult, Offer, Progress
 from ._run import last_line as _last_line
 from ._run import run
-from ._rpmdb import rpm_lock_files, rpm_provides, split_request
+from ._rpmdb import rpm_lock_files, rpm_provides
+from .. import requests as req
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,23 @@ class DnfBackend:
     def _run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
         return run(args, timeout, self.name)
 
+    def _end_of_options(self) -> list[str]:
+        """'--' before the package arguments: dnf 4 takes it; dnf5 before 5.4.3 refuses it, so dnf5
+        gets none and requests.parse (a request starts with [a-z0-9]) is what rules out a leading '-'."""
+        return [] if self.name == "dnf5" else ["--"]
+
+    def install_argv(self, requests: list[str], comment: str) -> list[str]:
+        return self._base() + ["-y", "--comment", comment, "install", *self._end_of_options(),
+                               *req.checked(requests, (req.UNAME_R, req.NAME_VERSION), self.name)]
+
+    def repoquery_argv(self, request: str, *opts: str) -> list[str]:
+        (request,) = req.checked([request], (req.UNAME_R, req.NAME_VERSION), self.name)
+        return self._base() + ["repoquery", *opts, f"--whatprovides={request}"]
+
+    def download_argv(self, requests: list[str], destdir) -> list[str]:
+        return self._base() + ["download", "--destdir", str(destdir), *self._end_of_options(),
+                               *req.checked(requests, (req.UNAME_R, req.NAME_VERSION), self.name)]
+
     # --- the protocol ------------------------------------------------------------------------
 
     def is_installed(self, request: str) -> bool:
@@ -60,9 +78,7 @@ class DnfBackend:
         timeout = timeout or self.timeout
         offers = []
         for request in requests:
-            split_request(request)
-            res = self._run(self._base() + ["repoquery", "--qf", QUERYFORMAT[self.name],
-                                            "--whatprovides", request], timeout)
+            res = self._run(self.repoquery_argv(request, "--qf", QUERYFORMAT[self.name]), timeout)
             if res.returncode != 0:
                 raise KmodguardError(f"{self.name} repoquery failed for {request!r}: {_last_line(res)}",
                                      hint="check the repositories ('dnf repolist') and the network, then run again")
@@ -106,11 +122,9 @@ class DnfBackend:
 
     def install(self, requests: list[str], *, comment: str, timeout: float, lock_wait: float,
                 progress: Progress) -> InstallResult:
-        for r in requests:
-            split_request(r)
+        args = self.install_argv(requests, comment)  # checked before anything waits or runs
         self.wait_for_lock(lock_wait, progress)
         progress(f"{self.name}: installing {', '.join(requests)}")
-        args = self._base() + ["-y", "--comment", comment, "install", *requests]
         res = self._run(args, timeout)
         output = res.stdout + res.stderr
         log.info("%s output:\n%s", self.name, output)
@@ -127,9 +141,7 @@ class DnfBackend:
 
 
     def provides(self, request: str, timeout: float | None = None) -> list[str]:
-        split_request(request)
-        res = self._run(self._base() + ["repoquery", "--latest-limit", "1", "--provides", "--whatprovides",
-                                        request], timeout or self.timeout)
+        res = self._run(self.repoquery_argv(request, "--latest-limit", "1", "--provides"), timeout or self.timeout)
         if res.returncode != 0:
             raise KmodguardError(f"{self.name} repoquery --provides failed for {request!r}: {_last_line(res)}")
         return [line.strip() for line in res.stdout.splitlines() if line.strip()]
@@ -137,10 +149,8 @@ class DnfBackend:
     def download(self, requests: list[str], destdir: Path, timeout: float) -> list[Path]:
         """`dnf download` (dnf-plugins-core's command in dnf 4, built into dnf5): no install, and
         signatures are checked when the packages are installed, not here (they are only read)."""
-        for r in requests:
-            split_request(r)
         destdir = Path(destdir)
-        res = self._run(self._base() + ["download", "--destdir", str(destdir), *requests], timeout)
+        res = self._run(self.download_argv(requests, destdir), timeout)
         if res.returncode != 0:
             if "No such command: download" in res.stdout + res.stderr:
                 raise KmodguardError("dnf has no 'download' command here",

@@ -9,6 +9,7 @@ from ..errors import Busy, KmodguardError, PackageUnavailable
 from . import InstallResult, Offer, Progress
 from ._run import last_line, run
 from ._rpmdb import rpm_provides
+from .. import requests as req
 
 # zypper's documented exit codes
 ZYPPER_EXIT_ZYPP_LOCKED = 7
@@ -24,13 +25,18 @@ class ZypperBackend:
     def _base(self) -> list[str]:
         return ["zypper", "--non-interactive", *(["--root", str(self.root)] if self.root != Path("/") else [])]
 
+    def install_argv(self, requests: list[str]) -> list[str]:
+        """zypper parses with getopt_long: '--' ends its options."""
+        return self._base() + ["install", "--no-recommends", "--",
+                               *req.checked(requests, (req.UNAME_R, req.NAME_VERSION), "zypper")]
+
     def is_installed(self, request: str) -> bool:
         return rpm_provides(self.root, request)
 
     def query(self, requests: list[str], timeout: float = 300) -> list[Offer]:
         offers = []
-        for request in requests:
-            res = run(self._base() + ["--xmlout", "search", "--provides", "--match-exact", request.split(" = ")[0]],
+        for request in req.checked(requests, (req.UNAME_R, req.NAME_VERSION), "zypper"):
+            res = run(self._base() + ["--xmlout", "search", "--provides", "--match-exact", "--", request.split(" = ")[0]],
                       timeout, "zypper")
             try:
                 solvables = ET.fromstring(res.stdout).findall(".//solvable") if res.stdout.strip() else []
@@ -45,8 +51,9 @@ class ZypperBackend:
 
     def install(self, requests: list[str], *, comment: str, timeout: float, lock_wait: float,
                 progress: Progress) -> InstallResult:
+        args = self.install_argv(requests)
         progress(f"zypper: installing {', '.join(requests)}")
-        res = run(self._base() + ["install", "--no-recommends", *requests], timeout, "zypper",
+        res = run(args, timeout, "zypper",
                   {"ZYPP_LOCK_TIMEOUT": str(int(lock_wait))})
         output = res.stdout + res.stderr
         if res.returncode == ZYPPER_EXIT_INF_CAP_NOT_FOUND:

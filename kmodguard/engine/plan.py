@@ -1,7 +1,8 @@
 """The remediation plan: decided from verdicts and policy before anything is touched. Pure.
 
-All devices found together give ONE plan and so one package transaction. Package requests come
-from the index (the exact-version provide) and must pass the allow-list; nothing in a plan is
+All devices found together give ONE plan and so one package transaction. Package requests are
+built (kmodguard.requests) from an allow-listed package name and the plan's kernel; the index's
+stored request must be exactly that one, or the device is refused; nothing in a plan is
 taken from device strings except the device's identity.
 """
 
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+from .. import requests
 from ..config import Config
+from ..errors import InvalidInput
 from ..devices import Device
 from .diagnosis import Verdict
 
@@ -95,7 +98,7 @@ def make_plan(kernel: str, judged: list[tuple[Device, Verdict]], config: Config,
     actions = []
     critical: dict[str, str] = {}
     for device, verdict in judged:
-        action = _action(device, verdict, config)
+        action = _action(device, verdict, config, kernel)
         if action.action in ("install", "load"):
             why = boot_critical(device)
             if why:
@@ -104,7 +107,8 @@ def make_plan(kernel: str, judged: list[tuple[Device, Verdict]], config: Config,
             load[action.module] = None
             if action.action == "install":
                 cand = next(c for c in verdict.candidates if c.module == action.module)
-                install.setdefault(cand.request, PackageRequest(cand.package, cand.version, cand.request))
+                request = requests.for_package(cand.package, kernel, cand.version, cand.request)  # built, not copied
+                install.setdefault(request, PackageRequest(cand.package, cand.version, request))
         actions.append(action)
     modules = list(load)
     packages = list(dict.fromkeys(p.package for p in install.values()))
@@ -112,7 +116,7 @@ def make_plan(kernel: str, judged: list[tuple[Device, Verdict]], config: Config,
     return Plan(kernel, tuple(install.values()), tuple(modules), tuple(actions), decision, blocked)
 
 
-def _action(device: Device, verdict: Verdict, config: Config) -> DeviceAction:
+def _action(device: Device, verdict: Verdict, config: Config, kernel: str) -> DeviceAction:
     base = dict(id=device.id, syspath=device.syspath, subsystem=device.subsystem, modalias=device.modalias,
                 verdict=verdict.verdict)
     if verdict.verdict == "loadable":
@@ -123,12 +127,22 @@ def _action(device: Device, verdict: Verdict, config: Config) -> DeviceAction:
         return DeviceAction(**base, action="load", module=usable[0], package=None,
                             reason=f"load the installed module {usable[0]}")
     if verdict.verdict == "missing":
-        refused = []
+        refused, bad = [], []
         for cand in verdict.candidates:
-            if config.package_allowed(cand.package):
-                return DeviceAction(**base, action="install", module=cand.module, package=cand.package,
-                                    reason=f"install {cand.package} {cand.version} for {cand.module}")
-            refused.append(cand.package)
+            if not config.package_allowed(cand.package, kernel):
+                refused.append(cand.package)
+                continue
+            try:
+                requests.for_package(cand.package, kernel, cand.version, cand.request)
+            except InvalidInput as exc:  # the index's request is not the one kmodguard builds
+                bad.append((cand.package, exc.message))
+                continue
+            return DeviceAction(**base, action="install", module=cand.module, package=cand.package,
+                                reason=f"install {cand.package} {cand.version} for {cand.module}")
+        if bad:
+            return DeviceAction(**base, action="refused", module=verdict.candidates[0].module, package=bad[0][0],
+                                reason=f"the index of {bad[0][0]} holds a request kmodguard does not make: "
+                                       f"{bad[0][1]}; rebuild it with 'kmodguard index build'")
         return DeviceAction(**base, action="refused", module=verdict.candidates[0].module, package=refused[0],
                             reason=f"{', '.join(dict.fromkeys(refused))} is not in the allow-list "
                                    "('packages' in /etc/kmodguard/kmodguard.toml)")
