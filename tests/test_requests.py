@@ -117,3 +117,21 @@ def test_double_dash_before_package_arguments():
 def test_apt_takes_only_name_kver():
     with pytest.raises(InvalidInput):
         apt_install_argv([GOOD], [], 10)
+
+
+@pytest.mark.parametrize("request_", ["--nogpgcheck", "bash", "@development-tools", "/tmp/x.rpm",
+                                      "-oAPT::Get::AllowUnauthenticated=true"])
+def test_index_with_a_foreign_request_is_refused_and_named(kmodguard, world, request_):
+    """An index built with --request=HOSTILE: explain names the index and offers nothing from it."""
+    from synthetic import ALIAS
+
+    payload = str(world.packages["kernel-modules"])
+    kmodguard("index", "build", "--kver", world.kver, "--package", "kernel-modules", "--version", "6.1.0-1.kmg",
+              f"--request={request_}", "--from-dir", payload)
+    doc = kmodguard("explain", "--json", "--kver", world.kver, ALIAS["gpu"], check_code=0).json
+    assert doc["results"][0]["candidates"] == []
+    assert "is refused" in doc["results"][0]["reason"]
+    errors = kmodguard("status", "--json", "--kver", world.kver).json["environment"]["index"]["errors"]
+    index_dir = f"{world.kver}/kernel-modules"
+    assert [e["package"] for e in errors] == ["kernel-modules"]
+    assert index_dir in errors[0]["message"] and "not a package request kmodguard makes" in errors[0]["message"]
