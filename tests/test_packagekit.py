@@ -41,10 +41,10 @@ def catalogue() -> list[FakePackage]:
                     120_000_000, 48_000_000),
         FakePackage("kernel-modules-extra;6.1.0-56.fc42;x86_64;fedora", (REQ_EXTRA, "kernel-modules-extra"),
                     "extra modules", 5_000_000, 2_000_000),
-        FakePackage("unsigned-modules;1.0-1;x86_64;thirdparty", ("unsigned-modules-uname-r = 1",),
+        FakePackage("unsigned-modules;1.0-1;x86_64;thirdparty", ("unsigned-modules-uname-r = 1.0",),
                     "unsigned", 1000, 500, trusted=False),
-        FakePackage("fail;1.0-1;x86_64;fedora", ("fail-uname-r = 1",), "fails in its scriptlet", behaviour="fail"),
-        FakePackage("hang;1.0-1;x86_64;fedora", ("hang-uname-r = 1",), "never finishes", behaviour="hang"),
+        FakePackage("fail;1.0-1;x86_64;fedora", ("fail-uname-r = 1.0",), "fails in its scriptlet", behaviour="fail"),
+        FakePackage("hang;1.0-1;x86_64;fedora", ("hang-uname-r = 1.0",), "never finishes", behaviour="hang"),
     ]
 
 
@@ -116,7 +116,8 @@ def test_already_installed_needs_no_transaction(fake, backend):
 
 def test_is_installed_uses_installed_filter(fake, backend):
     assert backend.is_installed(REQ_CORE) is True
-    assert backend.is_installed("kernel-modules-core") is True  # a bare name
+    with pytest.raises(KmodguardError):  # a bare name names no kernel: not a request kmodguard makes
+        backend.is_installed("kernel-modules-core")
     assert backend.is_installed(REQ) is False
     filters = {c[2] for c in fake.members("WhatProvides")}
     assert filters == {1 << 2}  # PK_FILTER_ENUM_INSTALLED
@@ -147,7 +148,7 @@ def test_nobody_provides_raises_package_unavailable(bus_address, backend, as_err
 
 def test_failed_transaction_carries_packagekit_message(fake, backend):
     with pytest.raises(KmodguardError) as err:
-        install(backend, ["fail-uname-r = 1"])
+        install(backend, ["fail-uname-r = 1.0"])
     assert not isinstance(err.value, (PackageUnavailable, Busy))
     assert "Error in POSTTRANS scriptlet in rpm package fail-1.0-1.x86_64: exit status 1" in err.value.message
     assert "package-failed-to-install" in err.value.message
@@ -159,7 +160,7 @@ def test_hanging_transaction_is_cancelled_within_timeout(fake, backend):
     messages: list[str] = []
     t0 = time.monotonic()
     with pytest.raises(KmodguardError) as err:
-        install(backend, ["hang-uname-r = 1"], timeout=timeout, messages=messages)
+        install(backend, ["hang-uname-r = 1.0"], timeout=timeout, messages=messages)
     elapsed = time.monotonic() - t0
     assert timeout <= elapsed < timeout + 1.0, elapsed
     assert "did not finish" in err.value.message and "cancelled" in err.value.message
@@ -171,7 +172,7 @@ def test_hanging_transaction_is_cancelled_within_timeout(fake, backend):
 
 def test_untrusted_package_is_refused(fake, backend):
     with pytest.raises(KmodguardError) as err:
-        install(backend, ["unsigned-modules-uname-r = 1"])
+        install(backend, ["unsigned-modules-uname-r = 1.0"])
     assert "The package unsigned-modules-1.0-1.x86_64 is not signed" in err.value.message
     assert "never turns that off" in (err.value.hint or "")
     assert fake.install_flags == [TRANSACTION_FLAG_ONLY_TRUSTED]  # ONLY_TRUSTED was sent, and only once
