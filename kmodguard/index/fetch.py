@@ -19,18 +19,20 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .. import process, requests
 from ..errors import KmodguardError, PackageUnavailable
 from ..fsutil import make_dir
 from . import build, store
 
 
 def _requests(policy, backend: str, kver: str) -> dict[str, str]:
-    """{package name: what to ask the package manager for} of the modules packages to index.
-    The -core packages come with the kernel itself."""
+    """{package name: what to ask the package manager for} of the modules packages to index,
+    built from the allow-list's names (requests.build). The -core packages come with the kernel."""
     names = [n for n in policy.packages if not n.endswith("-core")]
     if backend == "apt":
-        return {f"{n}-{kver}": f"{n}-{kver}" for n in names if n.startswith("linux-")}
-    return {n: f"{n}-uname-r = {kver}" for n in names if n.startswith("kernel")}
+        return {f"{n}-{kver}": requests.build(requests.NAME_KVER, f"{n}-{kver}", kver)
+                for n in names if n.startswith("linux-")}
+    return {n: requests.build(requests.UNAME_R, n, kver) for n in names if n.startswith("kernel")}
 
 
 def _version(nevra: str | None, name: str) -> str | None:
@@ -129,13 +131,16 @@ def _index_files(paths, kver: str, files: list[Path], progress) -> list[dict]:
 
 def _index_deb(paths, kver: str, deb: Path, progress):
     """A Debian/Ubuntu modules package (linux-modules-extra-KVER): its name is its request."""
-    import subprocess
-
-    fields = subprocess.run(["dpkg-deb", "-f", str(deb), "Package", "Version"], capture_output=True, text=True,
-                            check=True, timeout=120).stdout
-    info = dict(line.split(": ", 1) for line in fields.splitlines() if ": " in line)
+    fields = process.run(["dpkg-deb", "-f", "--", str(deb), "Package", "Version"], 120)
+    if fields.returncode != 0:
+        raise KmodguardError(f"{deb} is not a readable Debian package: {process.last_line(fields)}")
+    info = dict(line.split(": ", 1) for line in fields.stdout.splitlines() if ": " in line)
+    if "Package" not in info or "Version" not in info:
+        raise KmodguardError(f"{deb} names no Package and Version")
     with tempfile.TemporaryDirectory(dir=deb.parent) as root:
-        subprocess.run(["dpkg-deb", "-x", str(deb), root], check=True, timeout=600)
+        extracted = process.run(["dpkg-deb", "-x", "--", str(deb), root], 600)
+        if extracted.returncode != 0:
+            raise KmodguardError(f"cannot extract {deb}: {process.last_line(extracted)}")
         source = build.PackageSource(info["Package"], info["Version"], info["Package"], Path(root),
                                      {"downloaded": deb.name})
         progress(f"indexing {source.name} {source.version}")
