@@ -174,6 +174,21 @@ def test_repository_answers_by_provide(repo, tmp_path):
 
 # --- bad input -------------------------------------------------------------------------------
 
+def test_a_suse_style_package_is_asked_for_by_its_exact_version(kmg, rpm_base, installed, tmp_path):
+    """SUSE's kernel-default provides kernel-uname-r = KVER (no kernel-default-uname-r): the request is
+    'kernel-default = VERSION-RELEASE', built by kmodguard, and that is what explain names."""
+    extra = next(m for m in synthetic.KERNEL_MODULES_EXTRA if m.name == "kmg_extra")
+    ko = synthetic.build_module(extra, tmp_path / "mods", tmp_path / "src")
+    rpm = rpmbuild.build_rpm(rpm_base / "suse", "kernel-default", "6.1.0", "150600.1", arch="x86_64",
+                             provides=(f"kernel-uname-r = {KVER}",),
+                             files={f"/lib/modules/{KVER}/kernel/drivers/kmg/{ko.name}": ko.read_bytes()})
+    res = kmg("index", "build", "--json", "--from-rpm", str(rpm), check_code=0)
+    assert res.json["built"][0]["request"] == "kernel-default = 6.1.0-150600.1"
+    (result,) = explain(kmg, installed, KVER, "pci:v0000CCCCd00000001sv00000000sd00000000bc00sc00i00")["results"]
+    assert [(c["package"], c["request"]) for c in result["candidates"]] == \
+        [("kernel-default", "kernel-default = 6.1.0-150600.1")], result
+
+
 def test_wrong_kver_is_refused(kmg, repo):
     _, rpms = repo
     f = str(rpms[KVER]["kernel-modules"])

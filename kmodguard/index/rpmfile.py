@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .. import requests
 from ..errors import InvalidInput, KmodguardError
 from .build import MODULE_SUFFIXES, PackageSource
 
@@ -346,7 +347,13 @@ def extracted(path: Path, kver: str | None = None, *, tmpdir: Path | None = None
         if kver is not None and kver != pkg_kver:
             raise InvalidInput(f"{path} ({nevra}) is for kernel {pkg_kver}, not {kver}",
                                hint="leave out --kver: the RPM names its kernel itself")
-        request = f"{request_name} = {pkg_kver}"
+        # Fedora's packages provide NAME-uname-r = KVER; SUSE's kernel-default provides only
+        # kernel-uname-r (every flavour does): ask for the package's exact version there.
+        form = requests.UNAME_R if request_name == f"{name}-uname-r" else requests.NAME_VERSION
+        try:
+            request = requests.build(form, name, pkg_kver, version, spelling=pkg_kver)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{path} ({nevra}): {exc.message}") from None
         head = _check_payload_digest(f, offset, hdr, path)
         comp = _compressor(rpm, hdr, head, path)
         try:
