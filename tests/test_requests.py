@@ -3,6 +3,7 @@ strictly again in every backend, '--' before package arguments where the tool ta
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,19 +120,38 @@ def test_apt_takes_only_name_kver():
         apt_install_argv([GOOD], [], 10)
 
 
-@pytest.mark.parametrize("request_", ["--nogpgcheck", "bash", "@development-tools", "/tmp/x.rpm",
-                                      "-oAPT::Get::AllowUnauthenticated=true"])
-def test_index_with_a_foreign_request_is_refused_and_named(kmodguard, world, request_):
-    """An index built with --request=HOSTILE: explain names the index and offers nothing from it."""
+HOSTILE = ["--nogpgcheck", "bash", "@development-tools", "/tmp/x.rpm", "-oAPT::Get::AllowUnauthenticated=true"]
+
+
+@pytest.mark.parametrize("request_", HOSTILE)
+def test_index_build_refuses_a_foreign_request(kmodguard, world, request_):
+    payload = str(world.packages["kernel-modules"])
+    res = kmodguard("index", "build", "--kver", world.kver, "--package", "kernel-modules", "--version", "6.1.0-1.kmg",
+                    f"--request={request_}", "--from-dir", payload, check_code=2)
+    assert "not a package request kmodguard makes" in res.stderr
+    assert not (Path(kmodguard.env["KMODGUARD_INDEX_DIR"]) / world.kver / "kernel-modules").exists()
+
+
+def test_index_build_from_dir_needs_the_exact_version(kmodguard, world):
+    res = kmodguard("index", "build", "--kver", world.kver, "--package", "kernel-modules",
+                    "--from-dir", str(world.packages["kernel-modules"]), check_code=2)
+    assert "--version" in res.stderr
+
+
+@pytest.mark.parametrize("request_", HOSTILE)
+def test_an_index_holding_a_foreign_request_is_refused_and_named(kmodguard, world, request_):
+    """An index.json edited to hold a hostile request: explain names the index and offers nothing from it."""
     from synthetic import ALIAS
 
-    payload = str(world.packages["kernel-modules"])
     kmodguard("index", "build", "--kver", world.kver, "--package", "kernel-modules", "--version", "6.1.0-1.kmg",
-              f"--request={request_}", "--from-dir", payload)
+              "--request", f"kernel-modules-uname-r = {world.kver}", "--from-dir", str(world.packages["kernel-modules"]),
+              check_code=0)
+    meta_file = (Path(kmodguard.env["KMODGUARD_INDEX_DIR"]) / world.kver / "kernel-modules" / "index.json").resolve()
+    meta = json.loads(meta_file.read_text())
+    meta["package"]["request"] = request_
+    meta_file.write_text(json.dumps(meta))
     doc = kmodguard("explain", "--json", "--kver", world.kver, ALIAS["gpu"], check_code=0).json
     assert doc["results"][0]["candidates"] == []
-    assert "is refused" in doc["results"][0]["reason"]
     errors = kmodguard("status", "--json", "--kver", world.kver).json["environment"]["index"]["errors"]
-    index_dir = f"{world.kver}/kernel-modules"
     assert [e["package"] for e in errors] == ["kernel-modules"]
-    assert index_dir in errors[0]["message"] and "not a package request kmodguard makes" in errors[0]["message"]
+    assert f"{world.kver}/kernel-modules" in errors[0]["message"]

@@ -206,10 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--from-dir", metavar="ROOT", help="an extracted package payload")
     src.add_argument("--from-rpm", metavar="FILE", nargs="+", help="kernel module package files")
     build.add_argument("--package", metavar="NAME", help="package name (with --from-dir)")
-    build.add_argument("--version", dest="pkg_version", metavar="V", help="exact package version (with --from-dir)")
+    build.add_argument("--version", dest="pkg_version", metavar="V", help="exact package version (with --from-dir: required)")
     build.add_argument("--request", metavar="REQ",
                        help="what the package manager is asked for to install exactly this package, "
-                            "e.g. 'kernel-modules-uname-r = KVER' (with --from-dir; default: NAME, or 'NAME = V')")
+                            "in one of the forms kmodguard builds: 'NAME-uname-r = KVER', NAME-KVER or 'NAME = V' "
+                            "(with --from-dir; default: NAME when it ends in -KVER, else 'NAME = V')")
     build.add_argument("--rebuilds-initramfs", action="store_true", default=False,
                        help="the package's install scriptlet regenerates the initramfs (with --from-dir; "
                             "an RPM's scriptlet is read from the file)")

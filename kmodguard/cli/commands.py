@@ -192,17 +192,20 @@ def explain(args) -> int:
 # --- index --------------------------------------------------------------------------------
 
 def index_build(args) -> int:
+    from .. import requests
     from ..index import build as builder
 
     paths = make_paths(args)
     kver = args.kver
     built = []
     if args.from_dir:
-        if not args.package:
-            raise InvalidInput("--from-dir needs --package NAME (and usually --version and --request)")
+        if not args.package or not args.pkg_version:
+            raise InvalidInput("--from-dir needs --package NAME and --version V (the package's exact version)",
+                               hint="and --request 'NAME-uname-r = KVER' for a Fedora-style package")
         kver = kver or paths.kver
-        version = args.pkg_version or ""
-        request = args.request or (f"{args.package} = {version}" if version else args.package)
+        version = args.pkg_version
+        default = args.package if args.package.endswith(f"-{kver}") else f"{args.package} = {version}"
+        request = requests.for_package(args.package, kver, version, args.request or default)
         root = Path(args.from_dir)
         if not root.is_dir():
             raise InvalidInput(f"--from-dir {root}: no such directory")
