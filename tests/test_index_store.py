@@ -109,10 +109,11 @@ def test_no_index_means_unindexed(kmodguard, world):
 
 
 @pytest.mark.parametrize("args, code, message", [
-    (["--package", "p", "--from-dir", "/nonexistent"], 2, "no such directory"),
+    (["--package", "p", "--version", "1", "--from-dir", "/nonexistent"], 2, "no such directory"),
     (["--from-dir", "/tmp"], 2, "--from-dir needs --package"),
-    (["--package", "../evil", "--from-dir", "{payload}"], 2, "not acceptable"),
-    (["--package", "p", "--from-dir", "{empty}"], 2, "holds no modules for kernel"),
+    (["--package", "p", "--from-dir", "/tmp"], 2, "and --version"),
+    (["--package", "../evil", "--version", "1", "--from-dir", "{payload}"], 2, "is not a package request"),
+    (["--package", "p", "--version", "1", "--from-dir", "{empty}"], 2, "holds no modules for kernel"),
 ])
 def test_build_refuses_bad_requests_clearly(kmodguard, world, tmp_path, args, code, message):
     (tmp_path / "empty").mkdir()
