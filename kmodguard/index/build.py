@@ -20,7 +20,7 @@ from typing import NamedTuple
 from pathlib import Path
 
 from ..errors import InvalidInput, KmodguardError
-from ..fsutil import make_dir
+from ..fsutil import MiB, make_dir, read_capped, regular_file
 from ..kmod import Context
 from . import store
 
@@ -56,13 +56,36 @@ def modules_dir_of(root: Path, kver: str) -> Path:
                        hint=f"expected {root}/lib/modules/{kver} or {root}/usr/lib/modules/{kver}")
 
 
-def _find_modules(mdir: Path) -> list[str]:
+MODULE_CAP = 512 * MiB  # one module file (amdgpu.ko is about 20 MiB, uncompressed with debug info 300)
+CONF_CAP = MiB  # one modprobe.d file
+
+
+def _where(source: PackageSource | None, path: str | os.PathLike) -> str:
+    """How an error names a file of the payload: inside the RPM it came from (the extracted copy is
+    a temporary directory, gone when the user reads the message), else its own path."""
+    rpm = (source.origin or {}).get("from-rpm") if source is not None else None
+    if rpm is None:
+        return str(path)
+    try:
+        rel = os.path.relpath(path, source.root)
+    except ValueError:
+        rel = str(path)
+    return f"{rpm} (its file /{rel})"
+
+
+def _find_modules(mdir: Path, source: PackageSource | None = None) -> list[str]:
+    """The module files under mdir. Each must be a regular file (not a link, FIFO or device: depmod
+    and libkmod open it and would block or read without end) of at most MODULE_CAP bytes. os.walk
+    does not descend into linked directories; neither does the staging tree (_stage)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(mdir):
         dirnames.sort()
         for f in sorted(filenames):
             if f.endswith(MODULE_SUFFIXES):
-                found.append(os.path.join(dirpath, f))
+                path = os.path.join(dirpath, f)
+                regular_file(path, follow=False, cap=MODULE_CAP, error_class=InvalidInput,
+                             hint=f"a package holds its modules as plain files: {_where(source, path)} is refused")
+                found.append(path)
     return found
 
 
@@ -72,7 +95,8 @@ def _stage(mdir: Path, kver: str, work: Path) -> Path:
     stage_mdir = work / "stage" / "lib" / "modules" / kver
     stage_mdir.mkdir(parents=True)
     for entry in os.scandir(mdir):
-        if entry.is_dir() or entry.name.endswith(MODULE_SUFFIXES):
+        # linked directories (the `build` and `source` links of a module tree) are not followed
+        if entry.is_dir(follow_symlinks=False) or (entry.name.endswith(MODULE_SUFFIXES) and not entry.is_symlink()):
             os.symlink(os.path.abspath(entry.path), stage_mdir / entry.name)
     for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
         (stage_mdir / f).touch()
@@ -80,69 +104,99 @@ def _stage(mdir: Path, kver: str, work: Path) -> Path:
 
 
 def _modprobe_files(root: Path) -> list[Path]:
-    return sorted(f for d in MODPROBE_DIRS if (root / d).is_dir() for f in (root / d).glob("*.conf") if f.is_file())
+    """The payload's modprobe.d/*.conf; links and special files among them are left out (a package's
+    own configuration is plain files; a link could name anything on this machine)."""
+    return sorted(f for d in MODPROBE_DIRS if (root / d).is_dir() and not (root / d).is_symlink()
+                  for f in (root / d).glob("*.conf") if f.is_file() and not f.is_symlink())
 
 
 def build_package(index_root: Path, kver: str, source: PackageSource, progress=None) -> store.PackageIndex:
     """Index one package's modules for kernel kver and publish it under index_root."""
+    return build_packages(index_root, [(kver, source)], progress)[0]
+
+
+def build_packages(index_root: Path, items: list[tuple[str, PackageSource]], progress=None) -> list[store.PackageIndex]:
+    """Index several packages, all or nothing: every one is staged first, and only when all are
+    built are they published. One bad package leaves every index as it was."""
+    for kver, source in items:
+        store.valid_name("package name", source.name)
+        store.valid_name("kernel version", kver)
+    make_dir(index_root)
+    staged = []
+    try:
+        for kver, source in items:
+            if progress and len(items) > 1:
+                progress(f"indexing {source.name} {source.version} for kernel {kver}")
+            work = Path(tempfile.mkdtemp(prefix=f".build-{source.name}.", dir=index_root))
+            staged.append((kver, source, work))
+            _stage_package(kver, source, work, progress)
+        links = [store.publish(index_root, kver, source.name, work / "index") for kver, source, work in staged]
+    finally:
+        for _, _, work in staged:
+            shutil.rmtree(work, ignore_errors=True)
+    return [store.PackageIndex(link, kver) for link, (kver, _, _) in zip(links, staged)]
+
+
+def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> None:
+    """Build one package's index directory in work/index (not yet published)."""
     store.valid_name("package name", source.name)
     store.valid_name("kernel version", kver)
     mdir = modules_dir_of(source.root, kver)
-    modules = _find_modules(mdir)
+    modules = _find_modules(mdir, source)
     if not modules:
-        raise InvalidInput(f"{mdir} holds no kernel modules (.ko, .ko.xz, .ko.zst)")
-    make_dir(index_root)
-    work = Path(tempfile.mkdtemp(prefix=f".build-{source.name}.", dir=index_root))
+        raise InvalidInput(f"{_where(source, mdir)} holds no kernel modules (.ko, .ko.xz, .ko.zst)")
+    stage_mdir = _stage(mdir, kver, work)
+    emptyconf = work / "depmod.d"
+    emptyconf.mkdir()
+    depmod = subprocess.Popen(
+        [_tool("depmod"), "-C", str(emptyconf), "-b", str(work / "stage"), kver],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "LC_ALL": "C"})
     try:
-        stage_mdir = _stage(mdir, kver, work)
-        emptyconf = work / "depmod.d"
-        emptyconf.mkdir()
-        depmod = subprocess.Popen(
-            [_tool("depmod"), "-C", str(emptyconf), "-b", str(work / "stage"), kver],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "LC_ALL": "C"})
-        try:
-            records = _read_modinfo(stage_mdir, modules, mdir, progress)
-        finally:
-            _, err = depmod.communicate()
-        if depmod.returncode != 0:
-            raise KmodguardError(f"depmod failed on {source.name}: {err.decode(errors='replace').strip()}")
-
-        out = work / "index"
-        out.mkdir()
-        shutil.copyfile(stage_mdir / "modules.alias.bin", out / "modules.alias.bin")
-        # A package index answers aliases only: an empty index (depmod's own, for the empty
-        # modules.builtin) stands in for the dependency and built-in tables.
-        for name in store.KMOD_FILES[1:]:
-            shutil.copyfile(stage_mdir / "modules.builtin.bin", out / name)
-        conf_files = _modprobe_files(source.root)
-        blacklist: list[str] = []
-        if conf_files:
-            (out / "modprobe.d").mkdir()
-            for f in conf_files:
-                shutil.copyfile(f, out / "modprobe.d" / f.name)
-            blacklist = sorted(Context(stage_mdir, [str(out / "modprobe.d")]).blacklist())
-        (out / store.MODULES_FILE).write_bytes(
-            lzma.compress(json.dumps(records, separators=(",", ":"), sort_keys=True).encode(), preset=1))
-        meta = {
-            "format": store.FORMAT,
-            "version": store.VERSION,
-            "kernel": kver,
-            "package": {"name": source.name, "version": source.version, "request": source.request,
-                        "rebuilds_initramfs": source.rebuilds_initramfs},
-            "blacklist": {"files": [f.name for f in conf_files], "modules": blacklist},
-            "modules": len(records),
-            "built": time.time(),
-            "source": source.origin,
-            "files": {f: store._sha256(out / f) for f in (*store.KMOD_FILES, store.MODULES_FILE)},
-        }
-        (out / store.META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        link = store.publish(index_root, kver, source.name, out)
+        records = _read_modinfo(stage_mdir, modules, mdir, progress, source)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return store.PackageIndex(link, kver)
+        try:
+            _, err = depmod.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            depmod.kill()
+            _, err = depmod.communicate()
+            raise KmodguardError(f"depmod did not finish within 600 s on {source.name}") from None
+    if depmod.returncode != 0:
+        said = err.decode(errors='replace').strip().replace(str(work / "stage"), "")[:2000]
+        raise KmodguardError(f"depmod failed on {source.name} ({_where(source, source.root)}): {said}")
+
+    out = work / "index"
+    out.mkdir()
+    shutil.copyfile(stage_mdir / "modules.alias.bin", out / "modules.alias.bin")
+    # A package index answers aliases only: an empty index (depmod's own, for the empty
+    # modules.builtin) stands in for the dependency and built-in tables.
+    for name in store.KMOD_FILES[1:]:
+        shutil.copyfile(stage_mdir / "modules.builtin.bin", out / name)
+    conf_files = _modprobe_files(source.root)
+    blacklist: list[str] = []
+    if conf_files:
+        (out / store.MODPROBE_DIR).mkdir()
+        for f in conf_files:
+            data = read_capped(f, CONF_CAP, follow=False, error_class=InvalidInput,
+                               hint=f"{_where(source, f)} is refused")
+            (out / store.MODPROBE_DIR / f.name).write_bytes(data)
+        blacklist = sorted(Context(stage_mdir, [str(out / store.MODPROBE_DIR)]).blacklist())
+    (out / store.MODULES_FILE).write_bytes(
+        lzma.compress(json.dumps(records, separators=(",", ":"), sort_keys=True).encode(), preset=1))
+    meta = {
+        "format": store.FORMAT,
+        "version": store.VERSION,
+        "kernel": kver,
+        "package": {"name": source.name, "version": source.version, "request": source.request,
+                    "rebuilds_initramfs": source.rebuilds_initramfs},
+        "blacklist": {"files": [f.name for f in conf_files], "modules": blacklist},
+        "modules": len(records),
+        "built": time.time(),
+        "source": source.origin,
+    }
+    store.write_meta(out, meta)  # last: its "files" and its own digest cover everything above
 
 
-def _read_modinfo(stage_mdir: Path, modules: list[str], mdir: Path, progress) -> dict:
+def _read_modinfo(stage_mdir: Path, modules: list[str], mdir: Path, progress, source=None) -> dict:
     """Every module's modinfo, read by libkmod while depmod runs on the other core. (Two reader
     threads with a context each were measured too: no faster, the loop holds the GIL.)"""
     ctx = Context(stage_mdir, [])
@@ -152,9 +206,11 @@ def _read_modinfo(stage_mdir: Path, modules: list[str], mdir: Path, progress) ->
         try:
             info = ctx.module_info(path)
         except KmodguardError as exc:
-            raise InvalidInput(f"{path} is not a readable kernel module: {exc}") from None
+            raise InvalidInput(f"{_where(source, path)} is not a readable kernel module: "
+                               f"{str(exc).replace(path, 'it')}") from None
         if info.name in records:
-            raise InvalidInput(f"module {info.name} appears twice: {records[info.name]['path']} and {path[prefix:]}")
+            raise InvalidInput(f"module {info.name} appears twice in {_where(source, mdir)}: "
+                               f"{records[info.name]['path']} and {path[prefix:]}")
         records[info.name] = {
             "path": path[prefix:],
             "size": info.size,
@@ -209,8 +265,8 @@ def derive(index_root: Path, old: str, new: str, *, only_modules: dict[str, set[
             meta["modules"] = len(meta["only_modules"])
         stage = Path(tempfile.mkdtemp(prefix=f".derive-{name}.", dir=index_root))  # same file system
         try:
-            shutil.copytree(pkg.path, stage / "index", symlinks=False)
-            (stage / "index" / store.META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            shutil.copytree(pkg.path, stage / "index", symlinks=True)  # a verified index holds no links
+            store.write_meta(stage / "index", meta)
             made.append(store.PackageIndex(store.publish(index_root, new, name, stage / "index"), new))
         finally:
             shutil.rmtree(stage, ignore_errors=True)

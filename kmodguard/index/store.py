@@ -15,29 +15,102 @@ A package directory is a kmod-format module directory that libkmod opens as it i
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import time
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import IndexCorrupt, InvalidInput
-from ..fsutil import fsync_dir, make_dir
+from ..errors import IndexCorrupt, InvalidInput, KmodguardError
+from ..fsutil import MiB, fsync_dir, make_dir, read_capped, sha256_capped
 from ..kmod import Context
 
 FORMAT = "kmodguard-index"
-VERSION = 1
+VERSION = 2  # 2: index.json carries its own digest, and "files" covers modprobe.d/*
 KMOD_FILES = ("modules.alias.bin", "modules.dep.bin", "modules.symbols.bin", "modules.builtin.bin",
               "modules.builtin.alias.bin")
 MODULES_FILE = "modules.json.xz"
 META_FILE = "index.json"
 
 
-def _sha256(path: Path) -> str:
+# Size caps on what an index may hold (a real one: index.json a few KiB, modules.alias.bin under
+# 1 MiB, modules.json.xz under 1 MiB for Fedora's kernel-modules).
+META_CAP = 4 * MiB
+KMOD_FILE_CAP = 256 * MiB
+MODULES_CAP = 64 * MiB  # compressed
+MODULES_JSON_CAP = 512 * MiB  # decompressed
+MODPROBE_DIR = "modprobe.d"
+MODPROBE_CAP = MiB  # one modprobe.d file
+MODPROBE_FILES = 256
+DIGEST_KEY = "meta_sha256"  # sha256 of index.json's own canonical form without this key
+REBUILD = "rebuild it with 'kmodguard index build' (or 'kmodguard index fetch')"
+
+
+def _sha256(path: Path, cap: int = KMOD_FILE_CAP) -> str:
+    """A file of the index: a regular file, never a link (an index holds no links but its own
+    name), at most cap bytes."""
+    return sha256_capped(path, cap, follow=False, error_class=IndexCorrupt, hint=REBUILD)
+
+
+def meta_digest(meta: dict) -> str:
+    """The digest index.json carries of itself: every key but the digest, in canonical JSON."""
     import hashlib
 
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    body = {k: v for k, v in meta.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                     allow_nan=False).encode()).hexdigest()
+
+
+def modprobe_files(directory: Path) -> list[str]:
+    """The names in an index's modprobe.d/, which must hold only regular files (checked by lstat:
+    libkmod reads every *.conf there, and follows links)."""
+    import stat
+
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return []
+    if not stat.S_ISDIR(st.st_mode):
+        raise IndexCorrupt(f"{directory} is not a directory", hint=REBUILD)
+    names = sorted(os.listdir(directory))
+    if len(names) > MODPROBE_FILES:
+        raise IndexCorrupt(f"{directory} holds {len(names)} files, more than {MODPROBE_FILES}", hint=REBUILD)
+    for name in names:
+        if not stat.S_ISREG(os.lstat(directory / name).st_mode):
+            raise IndexCorrupt(f"{directory / name} is not a regular file", hint=REBUILD)
+    return names
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    """What index.json's "files" holds for a finished index directory: every file libkmod or
+    kmodguard reads from it, modprobe.d/* included."""
+    files = {f: _sha256(directory / f) for f in (*KMOD_FILES, MODULES_FILE)}
+    for name in modprobe_files(directory / MODPROBE_DIR):
+        files[f"{MODPROBE_DIR}/{name}"] = _sha256(directory / MODPROBE_DIR / name, MODPROBE_CAP)
+    return files
+
+
+def write_meta(directory: Path, meta: dict) -> None:
+    """index.json, with its own digest, written last (it is what makes a directory an index)."""
+    meta = {k: v for k, v in meta.items() if k != DIGEST_KEY}
+    meta["files"] = checksums(directory)
+    meta[DIGEST_KEY] = meta_digest(meta)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_json(data: bytes, what: str):
+    """JSON from a file kmodguard does not control: no NaN/Infinity, no nesting deep enough to
+    exhaust the interpreter's stack (reported, not a RecursionError)."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply") from None
 
 
 def valid_name(kind: str, value: str) -> str:
@@ -46,6 +119,33 @@ def valid_name(kind: str, value: str) -> str:
     if not ok:
         raise InvalidInput(f"{kind} {value!r} is not acceptable (letters, digits and . _ + - ~ ^ only)")
     return value
+
+
+def _typed(value, kind):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"a value of the wrong type ({type(value).__name__})")
+    return value
+
+
+_GENERATION = re.compile(r"\.(?P<name>[^/]+)\.[0-9a-f]{12}")
+
+
+def _generation(link: Path) -> Path:
+    """The directory a package link names: .NAME.TOKEN beside it (what publish makes), a real
+    directory. A link elsewhere, to another package's generation, or a chain of links is refused."""
+    import stat
+
+    if not link.is_symlink():
+        raise IndexCorrupt(f"index {link} is not a link kmodguard made", hint=f"move {link} away and build again")
+    target = os.readlink(link)
+    m = _GENERATION.fullmatch(target)
+    if m is None or m.group("name") != link.name:
+        raise IndexCorrupt(f"index {link} points at {target[:120]!r}, not at a generation of package {link.name}",
+                           hint=f"remove {link} and build again")
+    gen = link.parent / target
+    if not stat.S_ISDIR(os.lstat(gen).st_mode):
+        raise IndexCorrupt(f"index {link}: {target} is not a directory", hint=f"remove {link} and build again")
+    return gen
 
 
 class ModuleRecord(NamedTuple):
@@ -62,63 +162,95 @@ class PackageIndex:
 
     def __init__(self, path: Path, kver: str):
         self.link = path
-        self.path = path.resolve()
         self.kver = kver
+        try:
+            self._open(Path(path), kver)
+        except IndexCorrupt:
+            raise
+        except (OSError, RecursionError, ValueError, TypeError, KmodguardError) as exc:
+            # whatever else a hostile or damaged directory does: this index is unusable, nothing more
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise IndexCorrupt(f"index {path} is unusable: {detail}", hint=f"{REBUILD}, or remove {path}") from None
+
+    def _open(self, path: Path, kver: str) -> None:
+        self.path = _generation(path)
         meta_path = self.path / META_FILE
         try:
-            meta = json.loads(meta_path.read_text("utf-8"))
-        except FileNotFoundError:
-            raise IndexCorrupt(f"index {path} is incomplete: {META_FILE} is missing",
-                               hint=f"rebuild it with 'kmodguard index build', or remove {path}") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raw = read_capped(meta_path, META_CAP, follow=False, error_class=IndexCorrupt,
+                              hint=f"{REBUILD}, or remove {path}")
+        except IndexCorrupt as exc:
+            if not os.path.lexists(meta_path):
+                raise IndexCorrupt(f"index {path} is incomplete: {META_FILE} is missing",
+                                   hint=f"{REBUILD}, or remove {path}") from None
+            raise IndexCorrupt(f"index {path} is unusable: {exc.message}", hint=exc.hint) from None
+        try:
+            meta = parse_json(raw, META_FILE)
+        except (UnicodeDecodeError, ValueError) as exc:
             raise IndexCorrupt(f"index {path} is corrupt: {META_FILE} is not readable JSON ({exc})",
-                               hint=f"rebuild it with 'kmodguard index build', or remove {path}") from None
+                               hint=f"{REBUILD}, or remove {path}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise IndexCorrupt(f"{meta_path} is not a kmodguard index",
                                hint=f"remove {path} if it is not yours")
         if meta.get("version") != VERSION:
-            raise IndexCorrupt(f"index {path} has format version {meta.get('version')!r}; this kmodguard reads {VERSION}",
-                               hint="rebuild it with 'kmodguard index build'")
+            raise IndexCorrupt(f"index {path} has format version {str(meta.get('version'))[:20]}; this kmodguard reads "
+                               f"{VERSION}", hint=f"{REBUILD}: indexes of format 1 have no checksum of their own "
+                               "and must be built again")
+        if meta.get(DIGEST_KEY) != meta_digest(meta):
+            raise IndexCorrupt(f"index {path} is corrupt: {META_FILE} does not match its own digest "
+                               "(edited or damaged)", hint=REBUILD)
         try:
-            self.name = valid_name("package name", meta["package"]["name"])
-            self.version = str(meta["package"]["version"])
-            self.request = str(meta["package"]["request"])
-            self.rebuilds_initramfs = bool(meta["package"].get("rebuilds_initramfs", False))
-            self.blacklist = frozenset(meta["blacklist"]["modules"])
-            self.module_count = int(meta["modules"])
-            self.built = float(meta["built"])
-            self.checksums = dict(meta["files"])
+            pkg = meta["package"]
+            self.name = valid_name("package name", _typed(pkg["name"], str))
+            self.version = _typed(pkg["version"], str)
+            self.request = _typed(pkg["request"], str)
+            self.rebuilds_initramfs = _typed(pkg.get("rebuilds_initramfs", False), bool)
+            self.blacklist = frozenset(_typed(m, str) for m in _typed(meta["blacklist"]["modules"], list))
+            self.module_count = _typed(meta["modules"], int)
+            self.built = float(_typed(meta["built"], (int, float)))
+            if not (math.isfinite(self.built) and 0 <= self.built < 1e11) or self.module_count < 0:
+                raise ValueError("built or modules")
+            self.checksums = {_typed(k, str): _typed(v, str) for k, v in _typed(meta["files"], dict).items()}
             self.source = meta.get("source")
             self.derived_from = meta.get("derived_from")
             only = meta.get("only_modules")
-            self.only_modules = None if only is None else frozenset(str(m) for m in only)
-            indexed_kver = meta["kernel"]
+            self.only_modules = None if only is None else frozenset(_typed(m, str) for m in _typed(only, list))
+            indexed_kver = _typed(meta["kernel"], str)
         except (KeyError, TypeError, ValueError, InvalidInput) as exc:
             raise IndexCorrupt(f"index {path} is corrupt: {META_FILE} lacks or mangles {exc}",
-                               hint="rebuild it with 'kmodguard index build'") from None
+                               hint=REBUILD) from None
+        if self.name != path.name:
+            raise IndexCorrupt(f"index {path} holds package {self.name!r}, not {path.name!r}",
+                               hint=f"remove {path}: a package's index is filed under its own name")
         if indexed_kver != kver:
             raise IndexCorrupt(f"index {path} is for kernel {indexed_kver}, not {kver}",
                                hint=f"remove {path}; it was filed under the wrong kernel")
+        self.conf_files = [f"{MODPROBE_DIR}/{n}" for n in modprobe_files(self.path / MODPROBE_DIR)]
+        expected = {*KMOD_FILES, MODULES_FILE, *self.conf_files}
+        for fname in self.checksums:
+            if fname not in expected:
+                if fname.startswith(f"{MODPROBE_DIR}/"):
+                    raise IndexCorrupt(f"index {path} is incomplete: {fname} is missing", hint=REBUILD)
+                raise IndexCorrupt(f"index {path} names an unexpected file {fname[:80]!r}", hint=REBUILD)
+        for fname in sorted(expected):
+            if fname not in self.checksums:
+                raise IndexCorrupt(f"index {path} holds {fname}, which {META_FILE} does not cover "
+                                   "(added after the index was built)", hint=REBUILD)
         for fname, digest in self.checksums.items():
-            if fname not in (*KMOD_FILES, MODULES_FILE):
-                raise IndexCorrupt(f"index {path} names an unexpected file {fname!r}")
+            cap = MODPROBE_CAP if fname.startswith(f"{MODPROBE_DIR}/") else KMOD_FILE_CAP
             try:
-                actual = _sha256(self.path / fname)
-            except OSError as exc:
-                raise IndexCorrupt(f"index {path} is incomplete: {fname}: {exc.strerror}",
-                                   hint="rebuild it with 'kmodguard index build'") from None
+                actual = _sha256(self.path / fname, cap)
+            except IndexCorrupt as exc:
+                raise IndexCorrupt(f"index {path} is unusable: {exc.message}", hint=REBUILD) from None
             if actual != digest:
                 raise IndexCorrupt(f"index {path} is corrupt: {fname} does not match its checksum",
-                                   hint="rebuild it with 'kmodguard index build'")
-        if set(self.checksums) != {*KMOD_FILES, MODULES_FILE}:
-            raise IndexCorrupt(f"index {path} is incomplete: files missing from {META_FILE}")
+                                   hint=REBUILD)
         self.meta = meta
 
     @cached_property
     def context(self) -> Context:
         """libkmod on this package's alias index, reading only the package's own modprobe.d."""
-        confdir = self.path / "modprobe.d"
-        ctx = Context(self.path, [str(confdir)] if confdir.is_dir() else [])
+        # the checksummed files one by one, not the directory: a file added since is never read
+        ctx = Context(self.path, [str(self.path / f) for f in self.conf_files])
         ctx.load_resources()
         return ctx
 
@@ -131,16 +263,21 @@ class PackageIndex:
         import lzma
 
         try:
-            raw = json.loads(lzma.decompress((self.path / MODULES_FILE).read_bytes()))
+            packed = read_capped(self.path / MODULES_FILE, MODULES_CAP, error_class=IndexCorrupt, hint=REBUILD)
+            dec = lzma.LZMADecompressor()
+            text = dec.decompress(packed, max_length=MODULES_JSON_CAP)
+            if not dec.eof:
+                raise ValueError(f"it is truncated, or more than {MODULES_JSON_CAP} bytes decompressed")
+            raw = parse_json(text, MODULES_FILE)
             return {n: ModuleRecord(n, m["path"], int(m["size"]), tuple(m["aliases"]), tuple(m["firmware"]),
                                     tuple(m["depends"])) for n, m in raw.items()}
-        except (OSError, EOFError, lzma.LZMAError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, EOFError, lzma.LZMAError, ValueError, KeyError, TypeError, AttributeError, IndexCorrupt) as exc:
             raise IndexCorrupt(f"index {self.link} is corrupt: {MODULES_FILE}: {exc}",
                                hint="rebuild it with 'kmodguard index build'") from None
 
     @property
     def disk_size(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return sum(f.lstat().st_size for f in self.path.rglob("*") if f.is_file() and not f.is_symlink())
 
     def summary(self) -> dict:
         return {
@@ -169,9 +306,15 @@ class KernelIndex:
         self.dir = self.root / kver
         self.packages: list[PackageIndex] = []
         self.errors: dict[str, IndexCorrupt] = {}
-        if not self.dir.is_dir():
+        try:
+            if not self.dir.is_dir():
+                return
+            entries = sorted(self.dir.iterdir())
+        except OSError as exc:  # e.g. a directory closed to a non-root reader
+            self.errors[kver] = IndexCorrupt(f"the index {self.dir} cannot be read: {exc.strerror or exc}",
+                                             hint="run the command as root, or fix the directory's permissions")
             return
-        for entry in sorted(self.dir.iterdir()):
+        for entry in entries:
             if entry.name.startswith("."):
                 continue  # generations and unfinished builds
             try:
@@ -194,9 +337,12 @@ class KernelIndex:
 
 def kernels(root: Path) -> list[str]:
     root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []  # unreadable to this user: KernelIndex says so for the kernel asked about
 
 
 def publish(root: Path, kver: str, package: str, staged: Path) -> Path:
