@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import InvalidInput
+from .fsutil import read_capped
 
 MODES = ("off", "offer", "auto")
 BACKENDS = ("auto", "dnf", "dnf5", "packagekit", "apt", "zypper")
@@ -171,6 +172,9 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+CONFIG_CAP = 1 << 20  # one configuration file
+
+
 def load(config_dir: Path) -> Config:
     """The policy from CONFIG_DIR/kmodguard.toml and CONFIG_DIR/conf.d/*.toml (in name order)."""
     config_dir = Path(config_dir)
@@ -184,18 +188,23 @@ def load(config_dir: Path) -> Config:
     merged: dict = {}
     read = []
     for path in files:
-        try:
-            text = path.read_text("utf-8")
-        except FileNotFoundError:
+        if not os.path.lexists(path):
             continue
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"cannot read {path}: {exc}") from None
+        # Drop-ins are the administrator's plain files (cloud-init writes them): never followed
+        # through a link (O_NOFOLLOW), refused when not a regular file (a FIFO would block), capped.
+        try:
+            text = read_capped(path, CONFIG_CAP, follow=False, error_class=InvalidInput,
+                               hint=f"make {path} a plain TOML file, or remove it").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"cannot read {path}: it is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         import tomllib  # only when there is a file to read
 
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise InvalidInput(f"{path} is not valid TOML: {exc}") from None
+        except RecursionError:
+            raise InvalidInput(f"{path} is not valid TOML: its arrays or tables are nested too deeply") from None
         validate(data, str(path))  # name the file that holds a bad value
         merged = _merge(merged, data)
         read.append(str(path))

@@ -135,23 +135,24 @@ def _rpm_log(rpm, path: Path) -> Iterator[callable]:
 
 # --- reading ---------------------------------------------------------------------------------
 
+RPM_CAP = 4 << 30  # one RPM file (Fedora's kernel-modules is about 60 MiB)
+
+
 def _open(path: Path):
-    """The file, opened for reading, after the checks that give a plain message (not rpm's)."""
-    try:
-        # unbuffered: rpm reads through a duplicate of this descriptor, which shares its offset
-        f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by the caller)
-    except FileNotFoundError:
-        raise InvalidInput(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InvalidInput(f"{path} is a directory, not an RPM file") from None
-    except OSError as exc:
-        raise InvalidInput(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    """The file, opened for reading, after the checks that give a plain message (not rpm's).
+
+    The user names this file on the command line, so a symbolic link to it is followed; but it
+    is opened with O_NONBLOCK and must be a regular file (a FIFO or /dev/zero would block or never
+    end), of at most RPM_CAP bytes."""
+    from ..fsutil import open_regular
+
+    if os.path.isdir(path):
+        raise InvalidInput(f"{path} is a directory, not an RPM file")
+    fd = open_regular(path, follow=True, cap=RPM_CAP, error_class=InvalidInput)
+    # unbuffered: rpm reads through a duplicate of this descriptor, which shares its offset
+    f = open(fd, "rb", buffering=0)  # noqa: SIM115 (closed by the caller)
     try:
         st = os.fstat(f.fileno())
-        if stat.S_ISDIR(st.st_mode):
-            raise InvalidInput(f"{path} is a directory, not an RPM file")
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidInput(f"{path} is not a regular file")
         if st.st_size == 0:
             raise InvalidInput(f"{path} is empty, not an RPM package")
         lead = f.read(96)
