@@ -226,9 +226,8 @@ def index_build(args) -> int:
             for f in args.from_rpm:
                 progress(f"reading {f}")
                 sources.append(stack.enter_context(rpmfile.extracted(Path(f), kver)))
-            for source, pkg_kver in sources:
-                progress(f"indexing {source.name} {source.version} for kernel {pkg_kver}")
-                built.append(builder.build_package(paths.index_root, pkg_kver, source, progress))
+            # ...and publish only when every one is built: all or nothing
+            built.extend(builder.build_packages(paths.index_root, [(k, s) for s, k in sources], progress))
     if args.json:
         emit_json({"built": [p.summary() for p in built]})
     else:

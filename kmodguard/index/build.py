@@ -112,10 +112,11 @@ def _modprobe_files(root: Path) -> list[Path]:
 
 def build_package(index_root: Path, kver: str, source: PackageSource, progress=None) -> store.PackageIndex:
     """Index one package's modules for kernel kver and publish it under index_root."""
-    return build_packages(index_root, [(kver, source)], progress)[0]
+    return build_packages(index_root, [(kver, source)], progress, announce=False)[0]
 
 
-def build_packages(index_root: Path, items: list[tuple[str, PackageSource]], progress=None) -> list[store.PackageIndex]:
+def build_packages(index_root: Path, items: list[tuple[str, PackageSource]], progress=None,
+                   announce: bool = True) -> list[store.PackageIndex]:
     """Index several packages, all or nothing: every one is staged first, and only when all are
     built are they published. One bad package leaves every index as it was."""
     for kver, source in items:
@@ -125,7 +126,7 @@ def build_packages(index_root: Path, items: list[tuple[str, PackageSource]], pro
     staged = []
     try:
         for kver, source in items:
-            if progress and len(items) > 1:
+            if progress and announce:
                 progress(f"indexing {source.name} {source.version} for kernel {kver}")
             work = Path(tempfile.mkdtemp(prefix=f".build-{source.name}.", dir=index_root))
             staged.append((kver, source, work))

@@ -121,9 +121,8 @@ def _index_files(paths, kver: str, files: list[Path], progress) -> list[dict]:
 
         with contextlib.ExitStack() as stack:
             sources = [stack.enter_context(rpmfile.extracted(f, kver)) for f in rpms]
-            for source, pkg_kver in sources:
-                progress(f"indexing {source.name} {source.version}")
-                out.append(build.build_package(paths.index_root, pkg_kver, source, progress).summary())
+            built = build.build_packages(paths.index_root, [(k, s) for s, k in sources], progress)  # all or nothing
+            out.extend(p.summary() for p in built)
     for deb in (f for f in files if f.suffix == ".deb"):
         out.append(_index_deb(paths, kver, deb, progress).summary())
     return out
