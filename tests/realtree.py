@@ -14,7 +14,7 @@ Used by tests/test_realtree.py, tests/e2e and bench/run.py. Two layers:
   (no package lists: an offline machine), the newest cached trees are used. When nothing can be
   had, RealTreeUnavailable says why and which command to run: tests fail on it, they never skip.
 
-* `build_world(tree, base)` makes, under `base`, symlinks to the cached modules (no copies):
+* `build_world(tree, base)` makes, under `base`, hard links to the cached modules (no copies):
     installed/   kernel-modules-core as an installed tree (depmod'ed, with the package's real
                  modules.builtin and modules.builtin.modinfo): what a cloud image carries
     payload/kernel-modules/, payload/kernel-modules-extra/
@@ -31,6 +31,7 @@ path the table does not know goes to kernel-modules, as Fedora's rules put unlis
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -531,7 +532,8 @@ def run_kmodguard(env: dict, *args: str, input: bytes | None = None, timeout: fl
 
 
 def _farm(root: Path, mdir: Path, kver: str, rels: list[str]) -> Path:
-    """ROOT/lib/modules/KVER with a symlink per module file (the cached tree is never written)."""
+    """ROOT/lib/modules/KVER with a hard link per module file (a copy across filesystems): kmodguard
+    refuses a package's module that is a symbolic link, and the cached tree is never written."""
     dest = root / "lib" / "modules" / kver
     made = set()
     for rel in rels:
@@ -539,7 +541,12 @@ def _farm(root: Path, mdir: Path, kver: str, rels: list[str]) -> Path:
         if parent not in made:
             (dest / parent).mkdir(parents=True, exist_ok=True)
             made.add(parent)
-        os.symlink(mdir / rel, dest / rel)
+        try:
+            os.link(mdir / rel, dest / rel)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM):
+                raise
+            shutil.copy2(mdir / rel, dest / rel)
     dest.mkdir(parents=True, exist_ok=True)
     return dest
 
