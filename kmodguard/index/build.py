@@ -74,8 +74,9 @@ def _where(source: PackageSource | None, path: str | os.PathLike) -> str:
 
 
 def _find_modules(mdir: Path, source: PackageSource | None = None) -> list[str]:
-    """The module files under mdir. Each must be a regular file (not a link, FIFO or device: depmod
-    and libkmod open it and would block or read without end) of at most MODULE_CAP bytes. os.walk
+    """The module files under mdir. Each must be (or link to: the user chose this tree, and a tree
+    of links such as `cp -rs` makes is a fair payload) a regular file, not a FIFO or device (depmod
+    and libkmod open it and would block or read without end), of at most MODULE_CAP bytes. os.walk
     does not descend into linked directories; neither does the staging tree (_stage)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(mdir):
@@ -83,8 +84,8 @@ def _find_modules(mdir: Path, source: PackageSource | None = None) -> list[str]:
         for f in sorted(filenames):
             if f.endswith(MODULE_SUFFIXES):
                 path = os.path.join(dirpath, f)
-                regular_file(path, follow=False, cap=MODULE_CAP, error_class=InvalidInput,
-                             hint=f"a package holds its modules as plain files: {_where(source, path)} is refused")
+                regular_file(path, follow=True, cap=MODULE_CAP, error_class=InvalidInput,
+                             hint=f"a module must be a regular file: {_where(source, path)} is refused")
                 found.append(path)
     return found
 
@@ -96,7 +97,7 @@ def _stage(mdir: Path, kver: str, work: Path) -> Path:
     stage_mdir.mkdir(parents=True)
     for entry in os.scandir(mdir):
         # linked directories (the `build` and `source` links of a module tree) are not followed
-        if entry.is_dir(follow_symlinks=False) or (entry.name.endswith(MODULE_SUFFIXES) and not entry.is_symlink()):
+        if entry.is_dir(follow_symlinks=False) or (entry.name.endswith(MODULE_SUFFIXES) and entry.is_file()):
             os.symlink(os.path.abspath(entry.path), stage_mdir / entry.name)
     for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
         (stage_mdir / f).touch()
