@@ -108,16 +108,17 @@ def _collect(proc: subprocess.Popen, deadline: float) -> tuple[bytes, bytes, boo
 
 
 def _stop(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM to the command's process group, SIGKILL after grace seconds; reaps the command."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
-        if grace == 0 and sig == signal.SIGTERM:
-            continue
-        _signal_group(proc, sig)
+    """SIGTERM to the command's process group (unless grace is 0), SIGKILL after grace seconds;
+    reaps the command."""
+    if grace:
+        _signal_group(proc, signal.SIGTERM)
         try:
-            proc.wait(timeout=wait)
+            proc.wait(timeout=grace)
             return
         except subprocess.TimeoutExpired:
-            continue
+            pass
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

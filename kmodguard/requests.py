@@ -35,7 +35,6 @@ KVER_RE = re.compile(_KVER, re.ASCII)
 VERSION_RE = re.compile(_VERSION, re.ASCII)
 _UNAME_R_RE = re.compile(rf"({_NAME})-uname-r = ({_KVER})", re.ASCII)
 _NAME_VERSION_RE = re.compile(rf"({_NAME}) = ({_VERSION})", re.ASCII)
-_NAME_KVER_RE = re.compile(rf"({_NAME}?)-({_KVER})", re.ASCII)
 
 
 class Request(NamedTuple):

@@ -16,6 +16,7 @@ from kmodguard.config import Config
 from kmodguard.devices import Device
 from kmodguard.engine.diagnosis import Candidate, Verdict
 from kmodguard.engine.plan import make_plan
+from kmodguard.index import store
 from kmodguard.errors import InvalidInput
 
 KVER = "6.11.4-301.fc41.x86_64"
@@ -149,9 +150,11 @@ def test_an_index_holding_a_foreign_request_is_refused_and_named(kmodguard, worl
     meta_file = (Path(kmodguard.env["KMODGUARD_INDEX_DIR"]) / world.kver / "kernel-modules" / "index.json").resolve()
     meta = json.loads(meta_file.read_text())
     meta["package"]["request"] = request_
+    meta[store.DIGEST_KEY] = store.meta_digest(meta)  # resealed: the request itself must be what is refused
     meta_file.write_text(json.dumps(meta))
     doc = kmodguard("explain", "--json", "--kver", world.kver, ALIAS["gpu"], check_code=0).json
     assert doc["results"][0]["candidates"] == []
     errors = kmodguard("status", "--json", "--kver", world.kver).json["environment"]["index"]["errors"]
     assert [e["package"] for e in errors] == ["kernel-modules"]
     assert f"{world.kver}/kernel-modules" in errors[0]["message"]
+    assert "is refused" in errors[0]["message"] and "not a package request kmodguard makes" in errors[0]["message"]

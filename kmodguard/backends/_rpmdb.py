@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
-from ..errors import KmodguardError
+from .. import process
 
 
 def split_request(request: str) -> tuple[str, str | None]:
@@ -27,7 +25,7 @@ def rpm_provides(root: Path, request: str) -> bool:
             "--", name]
     if Path(root) != Path("/"):
         args[1:1] = ["--root", str(root)]
-    out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}, timeout=60)
+    out = process.run(args, 60, "rpm")
     if out.returncode != 0:
         return False
     provides = {tuple(line.split("\t", 1)) for line in out.stdout.splitlines() if "\t" in line}
@@ -40,8 +38,7 @@ def _dbpaths() -> list[str]:
     rpm = shutil.which("rpm")
     found = []
     if rpm:
-        res = subprocess.run([rpm, "--eval", "%{_dbpath}"], capture_output=True, text=True,
-                             env={**os.environ, "LC_ALL": "C"}, timeout=30)
+        res = process.run([rpm, "--eval", "%{_dbpath}"], 30, "rpm")
         if res.returncode == 0 and res.stdout.startswith("/"):
             found.append(res.stdout.strip())
     return list(dict.fromkeys(found + ["/var/lib/rpm", "/usr/lib/sysimage/rpm"]))

@@ -135,7 +135,6 @@ class Diagnoser:
         else:
             self.installed_problem = f"there is no module tree at {mdir} (no modules.dep): is this kernel's package installed?"
         self.index = KernelIndex(paths.index_root, paths.kver)
-        _refuse_foreign_requests(self.index)
         self.system_blacklist = (self.installed.blacklist() if self.installed else frozenset()) | _cmdline_blacklist(paths)
         self.ignored_modules = frozenset(m.replace("-", "_") for m in config.ignore.modules)
         self._memo: dict[str, Verdict] = {}
@@ -304,18 +303,3 @@ class Diagnoser:
                         names.add(f if rel == "." else f"{rel}/{f}")
             self._fw_present = frozenset(names)
         return self._fw_present
-
-
-def _refuse_foreign_requests(index: KernelIndex) -> None:
-    """A package whose index holds another request than the one kmodguard builds for it (from its
-    name and the kernel: kmodguard.requests) is kept aside like a broken index, and named."""
-    from .. import requests
-    from ..errors import IndexCorrupt
-
-    for pkg in list(index.packages):
-        try:
-            requests.for_package(pkg.name, pkg.kver, pkg.version, pkg.request)
-        except InvalidInput as exc:
-            index.packages.remove(pkg)
-            index.errors[pkg.name] = IndexCorrupt(f"index {pkg.link} is refused: {exc.message}",
-                                                  hint="rebuild it with 'kmodguard index build'")

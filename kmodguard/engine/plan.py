@@ -98,17 +98,15 @@ def make_plan(kernel: str, judged: list[tuple[Device, Verdict]], config: Config,
     actions = []
     critical: dict[str, str] = {}
     for device, verdict in judged:
-        action = _action(device, verdict, config, kernel)
+        action, request = _action(device, verdict, config, kernel)
         if action.action in ("install", "load"):
             why = boot_critical(device)
             if why:
                 critical[action.module] = why
                 action = action._replace(boot_critical=why)
             load[action.module] = None
-            if action.action == "install":
-                cand = next(c for c in verdict.candidates if c.module == action.module)
-                request = requests.for_package(cand.package, kernel, cand.version, cand.request)  # built, not copied
-                install.setdefault(request, PackageRequest(cand.package, cand.version, request))
+            if request is not None:
+                install.setdefault(request.request, request)
         actions.append(action)
     modules = list(load)
     packages = list(dict.fromkeys(p.package for p in install.values()))
@@ -116,16 +114,18 @@ def make_plan(kernel: str, judged: list[tuple[Device, Verdict]], config: Config,
     return Plan(kernel, tuple(install.values()), tuple(modules), tuple(actions), decision, blocked)
 
 
-def _action(device: Device, verdict: Verdict, config: Config, kernel: str) -> DeviceAction:
+def _action(device: Device, verdict: Verdict, config: Config,
+            kernel: str) -> tuple[DeviceAction, PackageRequest | None]:
+    """What to do for one device, and the package request (built, not copied) when it is an install."""
     base = dict(id=device.id, syspath=device.syspath, subsystem=device.subsystem, modalias=device.modalias,
                 verdict=verdict.verdict)
     if verdict.verdict == "loadable":
         if verdict.builtin:
             return DeviceAction(**base, action="none", module=verdict.installed_modules[0], package=None,
-                                reason="a built-in driver matches and did not bind: loading cannot help; see dmesg")
+                                reason="a built-in driver matches and did not bind: loading cannot help; see dmesg"), None
         usable = [m for m in verdict.installed_modules if m not in verdict.blacklisted]
         return DeviceAction(**base, action="load", module=usable[0], package=None,
-                            reason=f"load the installed module {usable[0]}")
+                            reason=f"load the installed module {usable[0]}"), None
     if verdict.verdict == "missing":
         refused, bad = [], []
         for cand in verdict.candidates:
@@ -133,17 +133,19 @@ def _action(device: Device, verdict: Verdict, config: Config, kernel: str) -> De
                 refused.append(cand.package)
                 continue
             try:
-                requests.for_package(cand.package, kernel, cand.version, cand.request)
+                request = requests.for_package(cand.package, kernel, cand.version, cand.request)
             except InvalidInput as exc:  # the index's request is not the one kmodguard builds
                 bad.append((cand.package, exc.message))
                 continue
-            return DeviceAction(**base, action="install", module=cand.module, package=cand.package,
-                                reason=f"install {cand.package} {cand.version} for {cand.module}")
+            return (DeviceAction(**base, action="install", module=cand.module, package=cand.package,
+                                 reason=f"install {cand.package} {cand.version} for {cand.module}"),
+                    PackageRequest(cand.package, cand.version, request))
         if bad:
             return DeviceAction(**base, action="refused", module=verdict.candidates[0].module, package=bad[0][0],
                                 reason=f"the index of {bad[0][0]} holds a request kmodguard does not make: "
-                                       f"{bad[0][1]}; rebuild it with 'kmodguard index build'")
+                                       f"{bad[0][1]}; rebuild it with 'kmodguard index build'"), None
         return DeviceAction(**base, action="refused", module=verdict.candidates[0].module, package=refused[0],
                             reason=f"{', '.join(dict.fromkeys(refused))} is not in the allow-list "
-                                   "('packages' in /etc/kmodguard/kmodguard.toml)")
-    return DeviceAction(**base, action="none", module=None, package=None, reason=f"{verdict.verdict}: {verdict.reason}")
+                                   "('packages' in /etc/kmodguard/kmodguard.toml)"), None
+    return DeviceAction(**base, action="none", module=None, package=None,
+                        reason=f"{verdict.verdict}: {verdict.reason}"), None

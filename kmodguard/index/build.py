@@ -20,6 +20,7 @@ from typing import NamedTuple
 from pathlib import Path
 
 from ..errors import InvalidInput, KmodguardError
+from ..process import c_locale
 from ..fsutil import MiB, make_dir, read_capped, regular_file
 from ..kmod import Context
 from . import store
@@ -140,9 +141,8 @@ def build_packages(index_root: Path, items: list[tuple[str, PackageSource]], pro
 
 
 def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> None:
-    """Build one package's index directory in work/index (not yet published)."""
-    store.valid_name("package name", source.name)
-    store.valid_name("kernel version", kver)
+    """Build one package's index directory in work/index (not yet published; names checked by
+    build_packages)."""
     mdir = modules_dir_of(source.root, kver)
     modules = _find_modules(mdir, source)
     if not modules:
@@ -152,7 +152,7 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
     emptyconf.mkdir()
     depmod = subprocess.Popen(
         [_tool("depmod"), "-C", str(emptyconf), "-b", str(work / "stage"), kver],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "LC_ALL": "C"})
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=c_locale())  # runs beside _read_modinfo
     try:
         records = _read_modinfo(stage_mdir, modules, mdir, progress, source)
     finally:

@@ -23,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
+from .. import requests
 from ..errors import IndexCorrupt, InvalidInput, KmodguardError
 from ..fsutil import MiB, fsync_dir, make_dir, read_capped, sha256_capped
 from ..kmod import Context
@@ -224,6 +225,10 @@ class PackageIndex:
         if indexed_kver != kver:
             raise IndexCorrupt(f"index {path} is for kernel {indexed_kver}, not {kver}",
                                hint=f"remove {path}; it was filed under the wrong kernel")
+        try:  # the request kmodguard builds for this package and kernel, or the index is refused
+            requests.for_package(self.name, kver, self.version, self.request)
+        except InvalidInput as exc:
+            raise IndexCorrupt(f"index {path} is refused: {exc.message}", hint=REBUILD) from None
         self.conf_files = [f"{MODPROBE_DIR}/{n}" for n in modprobe_files(self.path / MODPROBE_DIR)]
         expected = {*KMOD_FILES, MODULES_FILE, *self.conf_files}
         for fname in self.checksums:
