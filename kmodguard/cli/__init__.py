@@ -45,9 +45,11 @@ against an index of the packages that are not installed.
 
 verdicts, one per device (the first that applies):
   bound      a driver is bound
-  ignored    left unbound on purpose (driver_override, SR-IOV autoprobe off, blacklist, policy)
+  ignored    left unbound on purpose (driver_override, SR-IOV autoprobe off, policy, or every
+             matching module, installed and indexed, blacklisted)
   loadable   an installed (or built-in) module matches; the device is not bound
-  missing    nothing installed matches; a module in a not-installed package does
+  missing    no installed module that may be loaded matches (blacklisted ones do not count);
+             a module in a not-installed package does, and nothing blacklists it
   unindexed  nothing installed matches and there is no index for this kernel
   unknown    no module installed or indexed matches
 """

@@ -1,6 +1,10 @@
 """From a device (or a bare modalias) to one verdict with its reason, as the Contract defines them.
 
 Verdicts, first that applies wins: bound, ignored, loadable, missing, unindexed, unknown.
+Blacklists are judged over installed and indexed modules together: a blacklisted module does
+not count as installed, so a device whose installed matches are all blacklisted is 'missing'
+when a not-installed package holds a match nothing blacklists, and 'ignored' only when nothing
+anywhere may be loaded.
 All matching is libkmod's: the installed module tree with the system's modprobe.d, and each
 indexed package's alias table with the package's own modprobe.d.
 """
@@ -106,6 +110,8 @@ def _cmdline_blacklist(paths: Paths) -> frozenset[str]:
         return frozenset()
     names = set()
     for word in words:
+        if word == "--":  # the rest is init's, not the kernel's
+            break
         key, _, value = word.partition("=")
         if key in ("module_blacklist", "modprobe.blacklist"):
             names.update(n.replace("-", "_") for n in value.split(",") if n)
@@ -208,8 +214,14 @@ class Diagnoser:
     def _explain(self, modalias: str) -> Verdict:
         check_modalias(modalias)
         installed = self.installed.lookup_paths(modalias) if self.installed else []
+        installed_blocked: dict[str, str] = {}
         if installed:
-            return self._installed_verdict(installed)
+            names = [n for n, _ in installed]
+            installed_blocked = self._blocked(names, package=None)
+            if len(installed_blocked) < len(names):
+                return self._installed_verdict(installed, installed_blocked)
+            # every installed match is blacklisted: a not-installed package may still hold one kmod would load
+            return self._all_installed_blocked(modalias, names, installed_blocked)
         if self.no_module_support:
             return Verdict("unknown", f"no built-in driver claimed it, and {self.installed_problem}: no package can add one")
         if not self.index.exists:
@@ -228,12 +240,21 @@ class Diagnoser:
                                       f"this kernel has no driver for it")
         return self._candidates_verdict(found)
 
-    def _installed_verdict(self, installed: list[tuple[str, str | None]]) -> Verdict:
+    def _all_installed_blocked(self, modalias: str, names: list[str], blocked: dict[str, str]) -> Verdict:
+        """Every installed match is blacklisted: 'missing' when an indexed package holds a match
+        nothing blacklists, 'ignored' only when nothing anywhere may be loaded."""
+        listed = "; ".join(f"{n} ({why})" for n, why in blocked.items())
+        found = self.index.lookup(modalias) if self.index.exists else []
+        if found:
+            return self._candidates_verdict(found, installed=names, installed_blocked=blocked)
+        unsure = "" if self.index.exists and not self.index.errors else \
+            (f" (no usable index for kernel {self.paths.kver}: a package that is not installed may hold "
+             "another driver; build one with 'kmodguard index build')")
+        return Verdict("ignored", f"every matching module is blacklisted: {listed}{unsure}",
+                       installed_modules=names, blacklisted=sorted(blocked))
+
+    def _installed_verdict(self, installed: list[tuple[str, str | None]], blocked: dict[str, str]) -> Verdict:
         names = [n for n, _ in installed]
-        blocked = self._blocked(names, package=None)
-        if len(blocked) == len(names):
-            return Verdict("ignored", "every matching module is blacklisted: " + "; ".join(
-                f"{n} ({why})" for n, why in blocked.items()), installed_modules=names, blacklisted=names)
         usable = [(n, p) for n, p in installed if n not in blocked]
         builtin = any(p is None for _, p in usable)
         vendor = any(p and any(v in p for v in VENDOR_DIRS) for _, p in usable)
@@ -260,8 +281,10 @@ class Diagnoser:
                 blocked[n] = "excluded by policy (ignore.modules)"
         return blocked
 
-    def _candidates_verdict(self, found: list[tuple[PackageIndex, list[str]]]) -> Verdict:
-        candidates, blocked_all = [], {}
+    def _candidates_verdict(self, found: list[tuple[PackageIndex, list[str]]], installed: list[str] = (),
+                            installed_blocked: dict[str, str] | None = None) -> Verdict:
+        """installed: matching installed modules, all of them blacklisted (installed_blocked says why)."""
+        candidates, blocked_all = [], dict(installed_blocked or {})
         for pkg, modules in found:
             blocked = self._blocked(modules, pkg)
             blocked_all.update(blocked)
@@ -271,15 +294,22 @@ class Diagnoser:
                                                 self._firmware_missing(pkg, m)))
         if not candidates:
             return Verdict("ignored", "every module that would drive it is blacklisted: " + "; ".join(
-                f"{n} ({why})" for n, why in blocked_all.items()), blacklisted=sorted(blocked_all))
+                f"{n} ({why})" for n, why in blocked_all.items()), installed_modules=tuple(installed),
+                blacklisted=sorted(blocked_all))
         first = candidates[0]
-        reason = f"no installed module matches; {first.module} in {first.package} {first.version} does"
+        if installed:
+            reason = ("every installed matching module is blacklisted (" + "; ".join(
+                f"{n}: {(installed_blocked or {})[n]}" for n in installed) + f"); {first.module} in "
+                f"{first.package} {first.version} matches and nothing blacklists it")
+        else:
+            reason = f"no installed module matches; {first.module} in {first.package} {first.version} does"
         derived = next((p.derived_from for p, _ in found if p.name == first.package and p.derived_from), None)
         if derived:
             reason += f" (assumed from kernel {derived}'s index until this kernel's package is indexed)"
         if first.firmware_missing:
             reason += f" (it names {len(first.firmware_missing)} firmware file(s) absent from the firmware directories)"
-        return Verdict("missing", reason, candidates=candidates, blacklisted=sorted(blocked_all))
+        return Verdict("missing", reason, installed_modules=tuple(installed), candidates=candidates,
+                       blacklisted=sorted(blocked_all))
 
     def _firmware_missing(self, pkg: PackageIndex, module: str) -> tuple[str, ...]:
         key = (pkg.name, module)

@@ -127,7 +127,9 @@ def initramfs_check(now: Engine, new: Engine, deps: list[Dependent], afters: dic
         if not why:
             continue
         after = afters.get(dep.device.id)
-        names = list(after.installed_modules) if after is not None and after.installed_modules else \
+        # a 'missing' verdict may list installed modules, but only blacklisted ones: they drive nothing
+        usable = list(after.installed_modules) if after is not None and after.verdict != "missing" else []
+        names = usable if usable else \
             [name for name, _ in dep.modules]
         if (after is not None and after.builtin) or any(initramfs._norm(n) in builtin for n in names):
             continue  # built into the new kernel: no initramfs needed for it
