@@ -28,6 +28,43 @@ DEFAULT_PACKAGES = (
     "linux-modules-extra",
 )
 
+# Packages that may be installed for a module's firmware, each asked for by its exact name and
+# only when the repository metadata says it has one of the module's firmware files. An entry is a
+# name or a pattern with one '*' (any non-empty run of name characters). RHEL and Amazon Linux:
+# linux-firmware and the iwl*-firmware family; Fedora splits linux-firmware into the names below;
+# SUSE: kernel-firmware-*; Debian and Ubuntu: firmware-* (non-free-firmware) and linux-firmware.
+DEFAULT_FIRMWARE_PACKAGES = (
+    "linux-firmware",
+    "amd-gpu-firmware", "amd-ucode-firmware", "intel-gpu-firmware", "nvidia-gpu-firmware",
+    "atheros-firmware", "brcmfmac-firmware", "cirrus-audio-firmware", "intel-audio-firmware",
+    "intel-vsc-firmware", "iwlegacy-firmware", "iwlwifi-dvm-firmware", "iwlwifi-mvm-firmware",
+    "libertas-firmware", "liquidio-firmware", "mlxsw_spectrum-firmware", "mrvlprestera-firmware",
+    "mt7xxx-firmware", "netronome-firmware", "nxpwireless-firmware", "qcom-firmware",
+    "qcom-wwan-firmware", "qed-firmware", "realtek-firmware", "tiwilink-firmware", "dvb-firmware",
+    "alsa-sof-firmware", "iwl*-firmware",
+    "kernel-firmware-*",
+    "firmware-*",
+)
+
+
+def name_matches(name: str, entry: str) -> bool:
+    """An allow-list entry: an exact name, or a pattern with one '*' standing for one or more characters."""
+    head, star, tail = entry.partition("*")
+    if not star:
+        return name == entry
+    return len(name) > len(head) + len(tail) and name.startswith(head) and name.endswith(tail)
+
+
+def _patterns(where: str, value) -> tuple[str, ...]:
+    from .requests import NAME_RE
+
+    entries = _strings(where, value)
+    for e in entries:
+        if e.count("*") > 1 or not NAME_RE.fullmatch(e.replace("*", "x")) or not e.isascii():
+            raise InvalidInput(f"{where}: {e[:64]!r} is not a package name or a pattern with one '*' "
+                               "(names are [a-z0-9][a-z0-9+._-]*)")
+    return entries
+
 
 class Timeouts(NamedTuple):
     package_manager: float = 900.0  # one whole transaction
@@ -51,6 +88,7 @@ class Config(NamedTuple):
     mode: str = "offer"
     auto_buses: tuple[str, ...] = ("pci", "virtio", "vmbus")
     packages: tuple[str, ...] = DEFAULT_PACKAGES
+    firmware_packages: tuple[str, ...] = DEFAULT_FIRMWARE_PACKAGES
     initramfs: str = "auto"
     backend: str = "auto"  # which package manager; auto: the distribution's own
     timeouts: Timeouts = Timeouts()
@@ -60,6 +98,14 @@ class Config(NamedTuple):
     def package_allowed(self, name: str, kernel: str | None = None) -> bool:
         """Allow-listed: an exact name, or a listed name followed by -KVER (Ubuntu's linux-modules-extra-KVER)."""
         return self.allowed_name(name, kernel) is not None
+
+    def firmware_allowed(self, name: str) -> bool:
+        """May this package be installed for firmware (firmware_packages)?"""
+        from .requests import NAME_RE
+
+        if not isinstance(name, str) or not name.isascii() or not NAME_RE.fullmatch(name) or len(name) > 128:
+            return False
+        return any(name_matches(name, e) for e in self.firmware_packages)
 
     def allowed_name(self, name: str, kernel: str | None = None) -> str | None:
         """The allow-list entry that admits `name` (the name itself, or NAME of NAME-KVER), or None.
@@ -133,7 +179,7 @@ def _table(where: str, value) -> dict:
 
 def validate(raw: dict, where: str = "configuration") -> Config:
     """A Config from a merged mapping; every unknown key or bad value is an InvalidInput."""
-    known = {"mode", "auto_buses", "packages", "initramfs", "backend", "timeouts", "ignore"}
+    known = {"mode", "auto_buses", "packages", "firmware_packages", "initramfs", "backend", "timeouts", "ignore"}
     for key in raw:
         if key not in known:
             raise InvalidInput(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
@@ -144,6 +190,8 @@ def validate(raw: dict, where: str = "configuration") -> Config:
         kw["auto_buses"] = _buses(f"{where}: auto_buses", raw["auto_buses"])
     if "packages" in raw:
         kw["packages"] = _strings(f"{where}: packages", raw["packages"])
+    if "firmware_packages" in raw:
+        kw["firmware_packages"] = _patterns(f"{where}: firmware_packages", raw["firmware_packages"])
     if "initramfs" in raw:
         kw["initramfs"] = _choice(f"{where}: initramfs", raw["initramfs"], INITRAMFS)
     if "backend" in raw:

@@ -9,6 +9,9 @@ the kernel (or the package's version) in one of the forms distributions use:
                                       '-' after the first as '.')
   name-kver     NAME                  Debian, Ubuntu: the package name ends in -KVER
   name-version  NAME = VERSION        SUSE: the package's exact version
+  name          NAME                  a firmware package, asked for by its exact name (the
+                                      allow-list 'firmware_packages' admits it); only where a
+                                      backend says it takes this form (checked(..., forms))
 
 and parsed again, strictly, before any argument list is built (backends). Grammar: NAME is
 [a-z0-9][a-z0-9+._-]*, KVER a kernel release \\d+.\\d+[.\\d+]([-.]WORD)*, VERSION starts with a
@@ -23,8 +26,8 @@ from typing import NamedTuple
 
 from .errors import InvalidInput
 
-UNAME_R, NAME_KVER, NAME_VERSION = "uname-r", "name-kver", "name-version"
-FORMS = (UNAME_R, NAME_KVER, NAME_VERSION)
+UNAME_R, NAME_KVER, NAME_VERSION, NAME = "uname-r", "name-kver", "name-version", "name"
+FORMS = (UNAME_R, NAME_KVER, NAME_VERSION)  # what parse() recognises; NAME only where asked for
 MAX = 128
 
 _NAME = r"[a-z0-9][a-z0-9+._-]*"
@@ -116,13 +119,66 @@ def for_package(package: str, kernel: str, version: str, stored: str) -> str:
     return built
 
 
-def checked(requests, forms=FORMS, backend: str = "the package manager") -> list[str]:
-    """Backends: every request parsed again and of a form this package manager takes."""
+def build_name(package: str) -> str:
+    """The request for a package asked for by its exact name (firmware packages)."""
+    return parse_name(package).text
+
+
+def parse_name(text) -> Request:
+    """A bare package name, as a request of form NAME; InvalidInput otherwise."""
+    if not isinstance(text, str) or not text or len(text) > MAX or not text.isascii() or not NAME_RE.fullmatch(text):
+        _refuse(text, "a package asked for by name must be [a-z0-9][a-z0-9+._-]*, ASCII, at most 128 characters")
+    return Request(NAME, text, "", text)
+
+
+def parse_any(text, forms=FORMS) -> Request:
+    """parse(), or a bare name when NAME is among forms (a name that happens to end in something
+    like a kernel release, firmware-misc-20230210, is still just a name then)."""
+    if NAME in forms and isinstance(text, str) and NAME_RE.fullmatch(text):
+        req = parse_name(text)
+        try:
+            if parse(text).form in forms:
+                return parse(text)
+        except InvalidInput:
+            pass
+        return req
+    return parse(text)
+
+
+def checked(requests, forms=FORMS, backend: str = "the package manager", names_allowed=None) -> list[str]:
+    """Backends: every request parsed again and of a form this package manager takes. A bare name
+    (form NAME) passes only when names_allowed(name) says so (the firmware allow-list)."""
     out = []
     for text in requests:
-        req = parse(text)
+        req = parse_any(text, forms if names_allowed is not None else tuple(f for f in forms if f != NAME))
+        if req.form == NAME and not names_allowed(req.package):
+            raise InvalidInput(f"{text!r} is a bare package name that firmware_packages does not admit; "
+                               f"{backend} is asked for nothing else by name")
         if req.form not in forms:
             raise InvalidInput(f"{text!r} is a {req.form} request, which {backend} does not take "
                                f"(it takes {', '.join(forms)})")
         out.append(req.text)
     return out
+
+
+# --- firmware file names (from modinfo: data), checked before they reach a package manager's query
+
+# A relative path of name characters: no glob ('*?[' would make a query a pattern), no ',' (dnf
+# splits option values on it), no '..' component, no leading '-' or '/'.
+FIRMWARE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+~-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.+~-]*)*", re.ASCII)
+FIRMWARE_MAX = 255
+
+
+def firmware_name_ok(name) -> bool:
+    """Can this firmware name (as a module's modinfo gives it) be asked about exactly?"""
+    return isinstance(name, str) and len(name) <= FIRMWARE_MAX and FIRMWARE_RE.fullmatch(name) is not None
+
+
+def firmware_names(names) -> list[str]:
+    """Backends: every firmware name checked again; InvalidInput on the first bad one."""
+    for name in names:
+        if not firmware_name_ok(name):
+            shown = repr(name[:80]) if isinstance(name, str) else type(name).__name__
+            raise InvalidInput(f"{shown} is not a firmware file name kmodguard asks about "
+                               "(a relative path of [A-Za-z0-9_.+~-] words, no patterns)")
+    return list(names)

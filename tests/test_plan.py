@@ -27,7 +27,8 @@ def test_an_sriov_storm_gives_one_transaction_and_one_load():
     assert plan.load == ("iavf",)
     assert len(plan.devices) == 256 and {d.action for d in plan.devices} == {"install"}
     assert plan.as_json()["install"] == [{"package": "kernel-modules", "version": "6.11.4-301.fc41",
-                                          "request": REQ, "download_size": None, "installed_size": None}]
+                                          "request": REQ, "download_size": None, "installed_size": None,
+                                          "kind": "modules", "for": ["iavf"]}]
 
 
 def test_two_packages_still_one_plan():

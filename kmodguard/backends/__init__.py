@@ -28,6 +28,14 @@ class InstallResult(NamedTuple):
     transaction_id: str | None = None  # e.g. dnf history id, when known
 
 
+class FirmwareLookup(NamedTuple):
+    """Which packages the repositories say hold firmware files (names as modinfo gives them)."""
+
+    providers: dict  # firmware name -> tuple of package names holding it (any compression)
+    versions: dict  # package name -> its version in the repositories ("" when not told)
+    note: str | None = None  # why the answer may be incomplete (no file lists in the cache, ...)
+
+
 class Backend(Protocol):
     name: str
 
@@ -51,9 +59,26 @@ class Backend(Protocol):
     def download(self, requests: list[str], destdir, timeout: float) -> list:
         """Download (never install) the packages into destdir; returns the package files."""
 
+    # For a module's firmware (dnf and dnf5 have it; see firmware_lookup for the others):
 
-def choose(name: str, package_manager: str | None, root=None, timeout: float = 900.0) -> Backend:
-    """The backend by policy name ("auto": the distribution's own package manager)."""
+    def firmware_providers(self, names: list[str], *, cache_only: bool) -> FirmwareLookup:
+        """The packages whose file lists hold /usr/lib/firmware/NAME (.xz, .zst) for each name;
+        cache_only: from the package manager's cache, never the network (status, explain)."""
+
+
+def firmware_lookup(backend, names: list[str], *, cache_only: bool) -> FirmwareLookup:
+    """backend.firmware_providers, or an answer that says plainly this backend cannot tell."""
+    method = getattr(backend, "firmware_providers", None)
+    if method is None:
+        return FirmwareLookup({}, {}, f"kmodguard cannot yet ask {backend.name} which package holds firmware: "
+                                      "install the firmware package by hand")
+    return method(names, cache_only=cache_only)
+
+
+def choose(name: str, package_manager: str | None, root=None, timeout: float = 900.0,
+           firmware_packages: tuple[str, ...] = ()) -> Backend:
+    """The backend by policy name ("auto": the distribution's own package manager).
+    firmware_packages: the allow-list a backend checks bare package names against again."""
     from pathlib import Path
 
     from ..errors import KmodguardError
@@ -67,7 +92,7 @@ def choose(name: str, package_manager: str | None, root=None, timeout: float = 9
     if name in ("dnf", "dnf5"):
         from .dnf import DnfBackend
 
-        return DnfBackend(name, root, timeout=timeout)
+        return DnfBackend(name, root, timeout=timeout, firmware_packages=firmware_packages)
     if name == "packagekit":
         from .packagekit import PackageKitBackend
 

@@ -8,19 +8,20 @@ from pathlib import Path
 from .. import process
 
 
-def split_request(request: str) -> tuple[str, str | None]:
+def split_request(request: str, names: bool = False) -> tuple[str, str | None]:
     """'kernel-modules-uname-r = 6.1.0-56.fc42.x86_64' -> (provide name, version), after
-    requests.parse (a request kmodguard makes, nothing else); a NAME-KVER request -> (name, None)."""
+    requests.parse (a request kmodguard makes, nothing else); a NAME-KVER or NAME request -> (name, None)."""
     from .. import requests
 
-    text = requests.parse(request).text
+    forms = (*requests.FORMS, requests.NAME) if names else requests.FORMS  # names: firmware packages
+    text = requests.parse_any(request, forms).text
     name, sep, version = text.partition(" = ")
     return name, (version if sep else None)
 
 
 def rpm_provides(root: Path, request: str) -> bool:
     # rpm -q --whatprovides takes a bare name: compare the exact version ourselves.
-    name, version = split_request(request)
+    name, version = split_request(request, names=True)
     args = [shutil.which("rpm") or "rpm", "-q", "--qf", "[%{PROVIDENAME}\\t%{PROVIDEVERSION}\\n]", "--whatprovides",
             "--", name]
     if Path(root) != Path("/"):

@@ -31,9 +31,21 @@ QUERYFORMAT = {
 }
 
 
+# What dnf is asked for: exact-version provides, and firmware packages by their exact name.
+FORMS = (req.UNAME_R, req.NAME_VERSION, req.NAME)
+# Firmware: where RPM distributions put it, and how (Fedora compresses it with xz).
+FIRMWARE_DIR = "/usr/lib/firmware/"
+FIRMWARE_SUFFIXES = ("", ".xz", ".zst")
+# One record a package: '@@NAME<TAB>EVR', then its files, one a line (paths start with '/').
+FIRMWARE_QUERYFORMAT = "@@%{name}\t%{evr}\n%{files}\n"
+CACHE_DIRS = {"dnf": "var/cache/dnf", "dnf5": "var/cache/libdnf5"}
+
+
 class DnfBackend:
     def __init__(self, command: str | None = None, root: Path = Path("/"), extra_args: tuple[str, ...] = (),
-                 timeout: float = 900.0):
+                 timeout: float = 900.0, firmware_packages: tuple[str, ...] = ()):
+        # the firmware allow-list again: a bare package name is taken only when it admits it
+        self.firmware_packages = tuple(firmware_packages)
         self.timeout = timeout  # for queries; an install gets its own
         command = command or ("dnf5" if shutil.which("dnf5") else "dnf")
         self.name = "dnf5" if os.path.basename(command).startswith("dnf5") else "dnf"
@@ -42,6 +54,11 @@ class DnfBackend:
         self.extra_args = tuple(extra_args)
 
     # --- plumbing ----------------------------------------------------------------------------
+
+    def _name_allowed(self, name: str) -> bool:
+        from ..config import name_matches
+
+        return any(name_matches(name, e) for e in self.firmware_packages)
 
     def _base(self) -> list[str]:
         args = [self.command]
@@ -59,15 +76,23 @@ class DnfBackend:
 
     def install_argv(self, requests: list[str], comment: str) -> list[str]:
         return self._base() + ["-y", "--comment", comment, "install", *self._end_of_options(),
-                               *req.checked(requests, (req.UNAME_R, req.NAME_VERSION), self.name)]
+                               *req.checked(requests, FORMS, self.name, self._name_allowed)]
 
     def repoquery_argv(self, request: str, *opts: str) -> list[str]:
-        (request,) = req.checked([request], (req.UNAME_R, req.NAME_VERSION), self.name)
+        (request,) = req.checked([request], FORMS, self.name, self._name_allowed)
         return self._base() + ["repoquery", *opts, f"--whatprovides={request}"]
 
     def download_argv(self, requests: list[str], destdir) -> list[str]:
         return self._base() + ["download", "--destdir", str(destdir), *self._end_of_options(),
                                *req.checked(requests, (req.UNAME_R, req.NAME_VERSION), self.name)]
+
+    def firmware_argv(self, names: list[str], cache_only: bool) -> list[str]:
+        """repoquery over the file lists: dnf 4 loads them only when asked (optional_metadata_types;
+        older dnf 4 warns that it does not know the option, and loads them anyway)."""
+        paths = [FIRMWARE_DIR + n + sfx for n in req.firmware_names(names) for sfx in FIRMWARE_SUFFIXES]
+        return self._base() + (["-C"] if cache_only else []) + [
+            "--setopt=optional_metadata_types=filelists", "repoquery", "--qf", FIRMWARE_QUERYFORMAT,
+            *(f"--whatprovides={p}" for p in paths)]
 
     # --- the protocol ------------------------------------------------------------------------
 
@@ -159,6 +184,61 @@ class DnfBackend:
                 raise PackageUnavailable(f"no repository has {', '.join(requests)}", hint=UNAVAILABLE_HINT)
             raise KmodguardError(f"{self.name} download failed: {_last_line(res)}")
         return sorted(destdir.glob("*.rpm"))
+
+
+    def firmware_providers(self, names: list[str], *, cache_only: bool, timeout: float | None = None):
+        from . import FirmwareLookup
+
+        args = self.firmware_argv(names, cache_only)
+        res = self._run(args, timeout or self.timeout)
+        if res.returncode != 0:
+            raise KmodguardError(f"{self.name} repoquery for firmware files failed: {_last_line(res)}")
+        wanted = {FIRMWARE_DIR + n + sfx: n for n in names for sfx in FIRMWARE_SUFFIXES}
+        providers: dict[str, set[str]] = {}
+        versions: dict[str, str] = {}
+        current = None
+        for line in res.stdout.splitlines():
+            if line.startswith("@@"):
+                name, _, evr = line[2:].partition("\t")
+                current = name if req.NAME_RE.fullmatch(name) and len(name) <= req.MAX else None
+                if current:
+                    versions[current] = evr if req.VERSION_RE.fullmatch(evr) else ""
+            elif current and line in wanted:
+                providers.setdefault(wanted[line], set()).add(current)
+        notes = []
+        skipped = sorted({r.strip().strip("'") for line in res.stderr.splitlines()
+                          for r in (line.split(":", 1)[1].split(",") if line.startswith("Ignoring repositories:")
+                                    else ())})
+        if skipped:
+            how = ("its cache has no metadata for them, and status and explain do not reach the network: "
+                   f"run '{self.name} makecache'" if cache_only else "they could not be reached")
+            notes.append(f"{self.name} ignored the repositories {', '.join(skipped)} ({how})")
+        if cache_only:
+            bare = self.repos_without_filelists()
+            if bare:
+                notes.append(f"{self.name}'s cache of {', '.join(bare)} holds no file lists, so it cannot tell which "
+                             f"package has a firmware file without the network: run '{self.name} makecache "
+                             "--setopt=optional_metadata_types=filelists', or 'kmodguard fix --dry-run'")
+        return FirmwareLookup({n: tuple(sorted(p)) for n, p in providers.items()}, versions,
+                              "; ".join(notes) or None)
+
+    def repos_without_filelists(self) -> list[str]:
+        """Repositories whose cached metadata (repomd.xml) came without the file lists."""
+        top = self.root / CACHE_DIRS[self.name]
+        bare = []
+        try:
+            entries = sorted(os.scandir(top), key=lambda e: e.name)
+        except OSError:
+            return bare
+        for entry in entries:
+            repodata = os.path.join(entry.path, "repodata")
+            try:
+                files = os.listdir(repodata)
+            except OSError:
+                continue
+            if "repomd.xml" in files and not any("filelists" in f for f in files):
+                bare.append(entry.name.rsplit("-", 1)[0])
+        return bare
 
 
 UNAVAILABLE_HINT = ("the package for the running kernel has left the repositories (this happens after newer "

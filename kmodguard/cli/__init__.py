@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "every device with a modalias, and its verdict", """\
         Judge every device that has a modalias (all buses) and print its verdict, grouped,
         with the next step for each group. Exit 3 when some device is 'missing' or 'loadable'.
-        Needs no root and no daemon; a running daemon's state is attached as "daemon".""")
+        Needs no root and no daemon; a running daemon's state is attached as "daemon".
+        Which package holds a module's firmware is asked from the package manager's cache only
+        (no network); the reason says when the cache lacks what it needs.""")
     status.add_argument("--all", action="store_true", default=False,
                         help="also list bound and ignored devices one by one (default: counted)")
     status.add_argument("--prometheus", action="store_true", default=False,
@@ -112,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fix = command("fix", "install the package, load the driver, check the device is bound", """\
         Turn 'missing' and 'loadable' verdicts into bound devices: install the package that has the
-        driver (ONE transaction for all devices, asked for by its exact-version provide), run depmod
+        driver (ONE transaction for all devices, asked for by its exact-version provide) and the
+        firmware packages its module needs (allow-listed: firmware_packages), run depmod
         if the package did not, load the module, re-probe each device and check it is bound, and
         regenerate the initramfs when a device is needed before the real root is mounted.
         --dry-run prints the plan and touches nothing (no root needed). Every run converges from the

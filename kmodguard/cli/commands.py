@@ -110,11 +110,17 @@ def _print_status(paths, env, diagnoser, judged, show_all: bool, daemon: dict | 
 
 def _next_step(verdict, verdicts, env) -> str:
     if verdict == "missing":
-        requests = list(dict.fromkeys(v.candidates[0].request for v in verdicts))
+        # the module package, and the firmware packages its module needs (asked for by name)
+        requests = list(dict.fromkeys(r for v in verdicts for r in (
+            v.candidates[0].request, *(v.candidates[0].firmware.names if v.candidates[0].firmware else ()))))
         if not env.can_install:
             return "  next: nothing can be installed here; see the note above."
         return f"  next: {install_command(env.package_manager, requests)}"
     if verdict == "loadable":
+        firmware = list(dict.fromkeys(n for v in verdicts if v.firmware for n in v.firmware.names))
+        if firmware:
+            return (f"  next: {install_command(env.package_manager, firmware)} (firmware), then "
+                    "'sudo kmodguard fix' loads the modules and re-probes the devices; or just 'sudo kmodguard fix'")
         mods = list(dict.fromkeys(next(m for m in v.installed_modules if m not in v.blacklisted)
                                   for v in verdicts if v.installed_modules and not v.builtin))
         return f"  next: sudo modprobe -a {' '.join(mods)}  (then check 'dmesg' if it stays unbound)" if mods else \
@@ -181,7 +187,7 @@ def explain(args) -> int:
         for m, v in results:
             print(f"{safe(m)}\n  {v.verdict}: {safe(v.reason)}")
             for c in v.candidates:
-                extra = f"; firmware absent: {len(c.firmware_missing)}" if c.firmware_missing else ""
+                extra = f"; {safe(c.firmware.sentence())}" if c.firmware else ""
                 print(f"  candidate: {c.module} in {c.package} {c.version} (install: {c.request}){extra}")
         missing = [v for _, v in results if v.verdict == "missing"]
         if missing:
@@ -383,7 +389,8 @@ def _print_plan(plan, env, backing: list[dict] = ()) -> None:
         for p in plan.install:
             sizes = f"  download {_size(p.download_size)}, installed {_size(p.installed_size)}" \
                 if p.download_size or p.installed_size else ""
-            print(f"  {p.request}  ({p.package} {p.version}){sizes}")
+            what = f"; firmware for {', '.join(p.for_modules)}" if p.kind == "firmware" else ""
+            print(f"  {p.request}  ({p.package} {p.version}{what}){sizes}")
     if plan.load:
         print(f"load: {' '.join(plan.load)}")
     i = plan.initramfs
@@ -410,7 +417,7 @@ def fix(args) -> int:
 
         raise NotAuthorized("fixing devices installs packages and loads modules: run it as root",
                             hint="'kmodguard fix --dry-run' shows the plan without root")
-    engine = Engine(paths)
+    engine = Engine(paths, online=True)
     plan = engine.plan(engine.judge(engine.select(args.devices)))
     backing = _backing_off(engine, args.devices)
     backend = None
@@ -505,7 +512,7 @@ def _run_request(args, paths, request: dict) -> int:
             paths = paths.with_kver(request["kernel"])  # the daemon judged that kernel's devices
         policy = config_mod.with_overrides(config_mod.load(paths.config_dir), request["overrides"],
                                            where=f"{where}: overrides")
-        engine = Engine(paths, policy)
+        engine = Engine(paths, policy, online=True)
         devices = engine.select(request["devices"], missing_ok=True) if request["devices"] else []
         plan = engine.plan(engine.judge(devices))
     except KmodguardError as exc:  # taken, so recorded: the daemon reports how it ended
@@ -533,7 +540,7 @@ def _fix_through_daemon(args, paths) -> int:
     if args.json and not args.yes:
         raise InvalidInput("--json needs --yes: a fix that asks first prints no JSON")
     if not args.yes:
-        engine = Engine(paths)
+        engine = Engine(paths, online=True)
         plan = engine.plan(engine.judge(engine.select(args.devices)))
         if not plan.needs_action or plan.blocked:
             backing = _backing_off(engine, args.devices)
@@ -790,7 +797,7 @@ def config_check(args) -> int:
     policy = config_mod.load(paths.config_dir)
     doc = {"config_dir": str(paths.config_dir), "files": list(policy.sources), "policy": {
         "mode": policy.mode, "auto_buses": list(policy.auto_buses), "packages": list(policy.packages),
-        "initramfs": policy.initramfs, "backend": policy.backend, "timeouts": policy.timeouts._asdict(),
+        "firmware_packages": list(policy.firmware_packages), "initramfs": policy.initramfs, "backend": policy.backend, "timeouts": policy.timeouts._asdict(),
         "ignore": {k: list(v) for k, v in policy.ignore._asdict().items()}}}
     if args.json:
         emit_json(doc)
@@ -801,6 +808,7 @@ def config_check(args) -> int:
     print(f"mode = {p['mode']!r}; auto_buses = {p['auto_buses']}; initramfs = {p['initramfs']!r}; "
           f"backend = {p['backend']!r}")
     print(f"packages = {p['packages']}")
+    print(f"firmware_packages = {p['firmware_packages']}")
     print(f"timeouts = {p['timeouts']}; ignore = {p['ignore']}")
     return ExitCode.OK
 

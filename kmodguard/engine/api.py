@@ -24,14 +24,29 @@ class Engine:
     """Paths, policy, environment and a Diagnoser for one kernel, made once per question."""
 
     def __init__(self, paths: Paths, policy: config_mod.Config | None = None,
-                 env: environment.Environment | None = None, meanwhile: Callable[[], object] = lambda: None):
-        """`meanwhile` runs while the environment is probed (status enumerates devices there)."""
+                 env: environment.Environment | None = None, meanwhile: Callable[[], object] = lambda: None,
+                 online: bool = False):
+        """`meanwhile` runs while the environment is probed (status enumerates devices there).
+        online: the package manager may reach the repositories to tell which package holds a
+        module's firmware (fix); otherwise it answers from its cache only (status, explain)."""
         self.paths = paths
         self.policy = policy if policy is not None else config_mod.load(paths.config_dir)
         pending = environment.start_detect(paths) if env is None else (lambda: env)
         self.meanwhile_result = meanwhile()
         self.env = pending()
+        self.online = online
+        self._firmware_backend = None
         self.diagnoser = Diagnoser(paths, self.policy, self.env)
+        self.diagnoser.firmware_lookup = self._firmware_lookup
+
+    def _firmware_lookup(self, names: list[str]):
+        """Which packages hold these firmware files: the policy's package manager, asked lazily
+        (only a module whose firmware is all absent costs a query)."""
+        from ..backends import firmware_lookup
+
+        if self._firmware_backend is None:
+            self._firmware_backend = self.backend()  # KmodguardError: becomes the need's note
+        return firmware_lookup(self._firmware_backend, names, cache_only=not self.online)
 
     # --- judging ---------------------------------------------------------------------------
 
@@ -115,7 +130,7 @@ class Engine:
         from ..backends import choose
 
         return choose(name or self.policy.backend, self.env.package_manager, self.paths.root,
-                      self.policy.timeouts.package_manager)
+                      self.policy.timeouts.package_manager, self.policy.firmware_packages)
 
     def with_sizes(self, plan: Plan, backend, progress: Callable[[str], None]) -> Plan:
         """The plan with download and installed sizes, when the repository metadata tells them."""

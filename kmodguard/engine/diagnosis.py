@@ -22,6 +22,7 @@ from ..index.store import KernelIndex, PackageIndex
 from ..kmod import Context
 from ..paths import Paths
 from .environment import Environment
+from .firmware import FirmwareNeed, Lookup, resolve as resolve_firmware
 
 VERDICTS = ("bound", "ignored", "loadable", "missing", "unindexed", "unknown")
 NEEDS_ACTION = frozenset({"loadable", "missing"})
@@ -68,10 +69,14 @@ class Candidate(NamedTuple):
     version: str
     request: str
     firmware_missing: tuple[str, ...] = ()
+    firmware: FirmwareNeed | None = None  # the packages its firmware needs, when none of it is on disk
 
     def as_json(self) -> dict:
-        return {"module": self.module, "package": self.package, "version": self.version,
-                "request": self.request, "firmware_missing": list(self.firmware_missing)}
+        doc = {"module": self.module, "package": self.package, "version": self.version,
+               "request": self.request, "firmware_missing": list(self.firmware_missing)}
+        if self.firmware:  # only when none of its firmware is on disk
+            doc["firmware"] = self.firmware.as_json()
+        return doc
 
 
 class Verdict(NamedTuple):
@@ -84,6 +89,7 @@ class Verdict(NamedTuple):
     builtin: bool = False
     vendor: bool = False
     blacklisted: tuple[str, ...] = ()
+    firmware: FirmwareNeed | None = None  # loadable: the installed module's firmware is not on disk
 
     def as_json(self) -> dict:
         doc = {
@@ -99,6 +105,8 @@ class Verdict(NamedTuple):
             doc["vendor"] = self.vendor
         if self.blacklisted:
             doc["blacklisted"] = list(self.blacklisted)
+        if self.firmware:
+            doc["firmware"] = self.firmware.as_json()
         return doc
 
 
@@ -145,6 +153,9 @@ class Diagnoser:
         self.ignored_modules = frozenset(m.replace("-", "_") for m in config.ignore.modules)
         self._memo: dict[str, Verdict] = {}
         self._fw_memo: dict[tuple[str, str], tuple[str, ...]] = {}
+        # names -> FirmwareLookup (the Engine gives one backed by the package manager)
+        self.firmware_lookup: Lookup | None = None
+        self._need_memo: dict[tuple[str, tuple[str, ...]], FirmwareNeed | None] = {}
         self._fw_present: frozenset[str] | None = None
         self._loaded: frozenset[str] | None = None
 
@@ -153,6 +164,7 @@ class Diagnoser:
         arrived since (the libkmod contexts and indexes stay: callers check those for changes)."""
         self._memo.clear()
         self._fw_memo.clear()
+        self._need_memo.clear()
         self._fw_present = None
         self._loaded = None
 
@@ -260,15 +272,39 @@ class Diagnoser:
         vendor = any(p and any(v in p for v in VENDOR_DIRS) for _, p in usable)
         loaded = [n for n, _ in usable if n in self._loaded_modules()]
         first = usable[0][0]
+        need = None if builtin else self._installed_firmware(*usable[0])
         if builtin:
             reason = f"built-in driver {first} matches but did not bind it: see 'dmesg' for why"
+        elif need and need.packages:
+            state = "is loaded but did not bind it" if first in self._loaded_modules() else "matches"
+            reason = (f"{first} {state}: {need.sentence()}; 'kmodguard fix' installs it, "
+                      "loads the module and re-probes the device")
         elif loaded:
             reason = f"{', '.join(loaded)} is loaded but did not bind it: see 'dmesg' (firmware, a refused probe)"
         else:
             kind = "vendor module" if vendor else "installed module"
             reason = f"{kind} {first} matches and is not loaded: run 'modprobe {first}' or 'kmodguard fix'"
+        if need and not need.packages:
+            reason += f" ({need.sentence()})"
         return Verdict("loadable", reason, installed_modules=names, builtin=builtin, vendor=vendor,
-                       blacklisted=sorted(blocked))
+                       blacklisted=sorted(blocked), firmware=need)
+
+    def _installed_firmware(self, module: str, path: str | None) -> FirmwareNeed | None:
+        """The firmware an installed module names, read from the module file itself."""
+        if not path or self.installed is None:
+            return None
+        try:
+            firmware = self.installed.module_info(path).firmware
+        except (KmodError, OSError):
+            return None
+        return self._firmware_need(module, firmware)
+
+    def _firmware_need(self, module: str, firmware: tuple[str, ...]) -> FirmwareNeed | None:
+        key = (module, tuple(firmware))
+        if key not in self._need_memo:
+            self._need_memo[key] = resolve_firmware(module, tuple(firmware), self._firmware_present(),
+                                                    self.firmware_lookup, self.config)
+        return self._need_memo[key]
 
     def _blocked(self, names: list[str], package: PackageIndex | None) -> dict[str, str]:
         blocked = {}
@@ -290,8 +326,10 @@ class Diagnoser:
             blocked_all.update(blocked)
             for m in modules:
                 if m not in blocked:
+                    record = pkg.modules.get(m)
+                    need = self._firmware_need(m, record.firmware) if record and record.firmware else None
                     candidates.append(Candidate(m, pkg.name, pkg.version, pkg.request,
-                                                self._firmware_missing(pkg, m)))
+                                                self._firmware_missing(pkg, m), need))
         if not candidates:
             return Verdict("ignored", "every module that would drive it is blacklisted: " + "; ".join(
                 f"{n} ({why})" for n, why in blocked_all.items()), installed_modules=tuple(installed),
@@ -306,8 +344,8 @@ class Diagnoser:
         derived = next((p.derived_from for p, _ in found if p.name == first.package and p.derived_from), None)
         if derived:
             reason += f" (assumed from kernel {derived}'s index until this kernel's package is indexed)"
-        if first.firmware_missing:
-            reason += f" (it names {len(first.firmware_missing)} firmware file(s) absent from the firmware directories)"
+        if first.firmware:
+            reason += f"; {first.firmware.sentence()}"
         return Verdict("missing", reason, installed_modules=tuple(installed), candidates=candidates,
                        blacklisted=sorted(blocked_all))
 

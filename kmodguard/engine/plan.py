@@ -23,10 +23,13 @@ class PackageRequest(NamedTuple):
     request: str  # what the package manager is asked for, e.g. 'kernel-modules-uname-r = KVER'
     download_size: int | None = None
     installed_size: int | None = None
+    kind: str = "modules"  # modules | firmware
+    for_modules: tuple[str, ...] = ()  # the modules it serves
 
     def as_json(self) -> dict:
         return {"package": self.package, "version": self.version, "request": self.request,
-                "download_size": self.download_size, "installed_size": self.installed_size}
+                "download_size": self.download_size, "installed_size": self.installed_size,
+                "kind": self.kind, "for": list(self.for_modules)}
 
 
 class DeviceAction(NamedTuple):
@@ -105,13 +108,32 @@ def make_plan(kernel: str, judged: list[tuple[Device, Verdict]], config: Config,
                 critical[action.module] = why
                 action = action._replace(boot_critical=why)
             load[action.module] = None
-            if request is not None:
-                install.setdefault(request.request, request)
+            # the module's package and its firmware packages: all in the one transaction
+            for r in ([request] if request is not None else []) + _firmware_requests(action.module, verdict, config):
+                known = install.setdefault(r.request, r)
+                if action.module not in known.for_modules:
+                    install[r.request] = known._replace(for_modules=known.for_modules + (action.module,))
         actions.append(action)
     modules = list(load)
-    packages = list(dict.fromkeys(p.package for p in install.values()))
+    packages = list(dict.fromkeys(p.package for p in install.values() if p.kind == "modules"))
     decision = decide_initramfs(modules, critical, packages) if modules else NO_INITRAMFS
     return Plan(kernel, tuple(install.values()), tuple(modules), tuple(actions), decision, blocked)
+
+
+def _firmware_need(module: str | None, verdict: Verdict):
+    if verdict.verdict == "loadable":
+        return verdict.firmware
+    return next((c.firmware for c in verdict.candidates if c.module == module), None)
+
+
+def _firmware_requests(module: str | None, verdict: Verdict, config: Config) -> list[PackageRequest]:
+    """The firmware packages the module needs: allow-listed (firmware_packages), asked for by name."""
+    need = _firmware_need(module, verdict)
+    out = []
+    for package, version in (need.packages if need else ()):
+        if config.firmware_allowed(package):
+            out.append(PackageRequest(package, version, requests.build_name(package), kind="firmware"))
+    return out
 
 
 def _action(device: Device, verdict: Verdict, config: Config,
@@ -124,6 +146,11 @@ def _action(device: Device, verdict: Verdict, config: Config,
             return DeviceAction(**base, action="none", module=verdict.installed_modules[0], package=None,
                                 reason="a built-in driver matches and did not bind: loading cannot help; see dmesg"), None
         usable = [m for m in verdict.installed_modules if m not in verdict.blacklisted]
+        fw = [r.package for r in _firmware_requests(usable[0], verdict, config)]
+        if fw:
+            return DeviceAction(**base, action="install", module=usable[0], package=fw[0],
+                                reason=f"install {', '.join(fw)} for the firmware of {usable[0]}, load it and "
+                                       "re-probe the device"), None
         return DeviceAction(**base, action="load", module=usable[0], package=None,
                             reason=f"load the installed module {usable[0]}"), None
     if verdict.verdict == "missing":
@@ -137,8 +164,10 @@ def _action(device: Device, verdict: Verdict, config: Config,
             except InvalidInput as exc:  # the index's request is not the one kmodguard builds
                 bad.append((cand.package, exc.message))
                 continue
+            fw = [r.package for r in _firmware_requests(cand.module, verdict, config)]
+            also = f" and {', '.join(fw)} for its firmware" if fw else ""
             return (DeviceAction(**base, action="install", module=cand.module, package=cand.package,
-                                 reason=f"install {cand.package} {cand.version} for {cand.module}"),
+                                 reason=f"install {cand.package} {cand.version} for {cand.module}{also}"),
                     PackageRequest(cand.package, cand.version, request))
         if bad:
             return DeviceAction(**base, action="refused", module=verdict.candidates[0].module, package=bad[0][0],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ class Outcome(NamedTuple):
     outcome: str  # now-bound | still-unbound | failed | skipped
     driver: str | None
     reason: str
+    firmware_failed: tuple[str, ...] = ()  # firmware files the kernel log says could not be loaded
 
     def as_json(self) -> dict:
         return dict(self._asdict())
@@ -203,7 +205,14 @@ class Remediation:
             if driver:
                 return Outcome(action.id, action.syspath, "now-bound", driver, f"bound to {driver}")
             time.sleep(0.05)
-        why = kernel_reason(self.paths.kmsg, [action.module, os.path.basename(action.syspath)])
+        needles = [action.module, os.path.basename(action.syspath)]
+        firmware = firmware_failures(self.paths.kmsg, needles)
+        if firmware:
+            return Outcome(action.id, action.syspath, "still-unbound", None,
+                           f"{action.module} is loaded but did not bind: the kernel could not load its firmware "
+                           f"{', '.join(firmware)}; install the package that has it ('kmodguard explain' names "
+                           "it when the repositories do), then run 'kmodguard fix' again", firmware)
+        why = kernel_reason(self.paths.kmsg, needles)
         return Outcome(action.id, action.syspath, "still-unbound", None,
                        f"{action.module} is loaded but did not bind" + (f": the kernel says {why!r}" if why else
                                                                        "; see 'dmesg'"))
@@ -258,12 +267,36 @@ def _load_error(exc: KmodError) -> str:
     return os.strerror(exc.errno)
 
 
+# The firmware loader's own words (drivers/base/firmware_loader/main.c): a file it did not find.
+FIRMWARE_FAILED = re.compile(r"Direct firmware load for (\S+) failed|firmware: failed to load (\S+)")
+
+
+def firmware_failures(kmsg: Path, needles: list[str], tail: int = 400) -> tuple[str, ...]:
+    """The firmware files the kernel log says this module or device could not load, oldest first."""
+    needles = [n for n in needles if n]
+    found = []
+    for line in _kmsg_lines(kmsg, tail):
+        m = FIRMWARE_FAILED.search(line)
+        if m and any(n in line for n in needles):
+            found.append(m[1] or m[2])
+    return tuple(dict.fromkeys(found))
+
+
 def kernel_reason(kmsg: Path, needles: list[str], tail: int = 400) -> str | None:
     """The last kernel log line about this module or device that says why it failed, if any."""
+    needles = [n for n in needles if n]
+    for line in reversed(_kmsg_lines(kmsg, tail)):
+        if any(n in line for n in needles) and any(p in line for p in KMSG_PATTERNS):
+            return line.strip()
+    return None
+
+
+def _kmsg_lines(kmsg: Path, tail: int) -> list[str]:
+    """The last `tail` messages of the kernel log (empty when it cannot be read)."""
     try:
         fd = os.open(kmsg, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
-        return None
+        return []
     lines: list[str] = []
     try:
         while True:
@@ -285,8 +318,4 @@ def kernel_reason(kmsg: Path, needles: list[str], tail: int = 400) -> str | None
             lines = lines[-tail:]
     finally:
         os.close(fd)
-    needles = [n for n in needles if n]
-    for line in reversed(lines):
-        if any(n in line for n in needles) and any(p in line for p in KMSG_PATTERNS):
-            return line.strip()
-    return None
+    return lines
