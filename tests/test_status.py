@@ -248,6 +248,7 @@ def test_missing_names_module_package_version_request_and_absent_firmware(indexe
         "version": PACKAGE_VERSION,
         "request": f"kernel-modules-uname-r = {KVER}",
         "firmware_missing": ["kmg/gpu_absent.bin"],  # gpu_present.bin is in the firmware dir
+        "origin": "index",  # not announced by a repository's metadata
     }]
     assert "kmg_gpu" in dev["reason"] and "kernel-modules" in dev["reason"]
 

@@ -36,6 +36,20 @@ class FirmwareLookup(NamedTuple):
     note: str | None = None  # why the answer may be incomplete (no file lists in the cache, ...)
 
 
+class Announcement(NamedTuple):
+    """A repository package that says it drives devices matching a modalias pattern."""
+
+    package: str
+    version: str  # the package's version in the repositories (EVR)
+    pattern: str  # e.g. 'pci:v000010DEd*sv*sd*bc03sc*i*'
+    how: str  # provides | supplements
+
+
+class Announcements(NamedTuple):
+    items: tuple  # of Announcement
+    note: str | None = None
+
+
 class Backend(Protocol):
     name: str
 
@@ -64,6 +78,16 @@ class Backend(Protocol):
     def firmware_providers(self, names: list[str], *, cache_only: bool) -> FirmwareLookup:
         """The packages whose file lists hold /usr/lib/firmware/NAME (.xz, .zst) for each name;
         cache_only: from the package manager's cache, never the network (status, explain)."""
+
+
+def driver_announcements(backend, *, cache_only: bool) -> Announcements:
+    """backend.driver_announcements (modalias() provides and supplements in the repository
+    metadata), or an answer that says plainly this backend cannot tell."""
+    method = getattr(backend, "driver_announcements", None)
+    if method is None:
+        return Announcements((), f"kmodguard cannot yet read driver announcements (modalias) from {backend.name}'s "
+                                 "repositories")
+    return method(cache_only=cache_only)
 
 
 def firmware_lookup(backend, names: list[str], *, cache_only: bool) -> FirmwareLookup:

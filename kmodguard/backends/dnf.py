@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -39,6 +40,10 @@ FIRMWARE_SUFFIXES = ("", ".xz", ".zst")
 # One record a package: '@@NAME<TAB>EVR', then its files, one a line (paths start with '/').
 FIRMWARE_QUERYFORMAT = "@@%{name}\t%{evr}\n%{files}\n"
 CACHE_DIRS = {"dnf": "var/cache/dnf", "dnf5": "var/cache/libdnf5"}
+# modalias(PATTERN) inside a dependency; a pattern is 'bus:' and printable ASCII without blanks,
+# parentheses or '#' (it becomes a word of a kmod configuration line)
+MODALIAS_DEP = re.compile(r"modalias\(([^()\s]*)\)")
+MODALIAS_PATTERN = re.compile(r"[a-z0-9_]+:[!-~]{1,512}", re.ASCII)
 
 
 class DnfBackend:
@@ -221,6 +226,51 @@ class DnfBackend:
                              "--setopt=optional_metadata_types=filelists', or 'kmodguard fix --dry-run'")
         return FirmwareLookup({n: tuple(sorted(p)) for n, p in providers.items()}, versions,
                               "; ".join(notes) or None)
+
+    def driver_announcements(self, *, cache_only: bool, timeout: float | None = None):
+        """Packages with modalias(...) provides (third-party kmod packages) or supplements (SUSE
+        KMPs and firmware; libsolv shows a flavoured one as '(kernel-default and
+        namespace:modalias(...))'): two repoquery runs, metadata only."""
+        from . import Announcement, Announcements
+
+        items, notes = [], []
+        # a flavoured supplement is libsolv's '(kernel-default and namespace:modalias(...))', which
+        # no glob of --whatsupplements matches: every package with supplements, filtered here
+        for how, option in (("provides", "--whatprovides=modalias(*)"), ("supplements", "--whatsupplements=*")):
+            args = self._base() + (["-C"] if cache_only else []) + [
+                "repoquery", "--qf", f"@@%{{name}}\t%{{evr}}\n%{{{how}}}\n", option]
+            res = self._run(args, timeout or self.timeout)
+            if res.returncode != 0:
+                raise KmodguardError(f"{self.name} repoquery for modalias() {how} failed: {_last_line(res)}")
+            current = None
+            for line in res.stdout.splitlines():
+                if line.startswith("@@"):
+                    name, _, evr = line[2:].partition("\t")
+                    ok = req.NAME_RE.fullmatch(name) and len(name) <= req.MAX and req.VERSION_RE.fullmatch(evr)
+                    current = (name, evr) if ok else None
+                elif current:
+                    items += [Announcement(*current, p, how) for p in MODALIAS_DEP.findall(line)
+                              if MODALIAS_PATTERN.fullmatch(p) and "#" not in p]
+            if any(line.startswith("Ignoring repositories:") for line in res.stderr.splitlines()) and not notes:
+                notes.append(f"{self.name} ignored some repositories (no cached metadata: run '{self.name} makecache')")
+        return Announcements(tuple(dict.fromkeys(items)), "; ".join(notes) or None)
+
+    def metadata_revision(self) -> str | None:
+        """Which repository metadata dnf's cache holds now (each repomd.xml's path, size, mtime):
+        what the repositories announce is cached per this, and re-read when it changes."""
+        top = self.root / CACHE_DIRS[self.name]
+        marks = []
+        try:
+            entries = sorted(os.scandir(top), key=lambda e: e.name)
+        except OSError:
+            return None
+        for entry in entries:
+            try:
+                st = os.stat(os.path.join(entry.path, "repodata", "repomd.xml"))
+            except OSError:
+                continue
+            marks.append(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}")
+        return f"{self.name}|{self.root}|" + ",".join(marks) if marks else None
 
     def repos_without_filelists(self) -> list[str]:
         """Repositories whose cached metadata (repomd.xml) came without the file lists."""

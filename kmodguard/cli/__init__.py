@@ -49,7 +49,8 @@ verdicts, one per device (the first that applies):
              matching module, installed and indexed, blacklisted)
   loadable   an installed (or built-in) module matches; the device is not bound
   missing    no installed module that may be loaded matches (blacklisted ones do not count);
-             a module in a not-installed package does, and nothing blacklists it
+             a module in a not-installed package does, and nothing blacklists it, or a
+             repository's metadata announces a package for it (modalias provides/supplements)
   unindexed  nothing installed matches and there is no index for this kernel
   unknown    no module installed or indexed matches
 """

@@ -101,11 +101,17 @@ def _print_status(paths, env, diagnoser, judged, show_all: bool, daemon: dict | 
             print(f"  why: {safe(shared)}")
         rows = []
         for d, v in members:
-            what = (f"{v.candidates[0].module} in {v.candidates[0].package} {v.candidates[0].version}" if v.candidates
+            what = (_candidate_text(v.candidates[0]) if v.candidates
                     else ", ".join(v.installed_modules) or d.driver or "-")
             rows.append((safe(d.id, 60), safe(d.modalias, 56), safe(what)) + (() if shared else (safe(v.reason),)))
         print(table(rows))
         print(_next_step(verdict, [v for _, v in members], env))
+
+
+def _candidate_text(c) -> str:
+    if c.module is None:  # a repository's metadata names the package, not its module
+        return f"{c.package} {c.version} (its repository announces it)"
+    return f"{c.module} in {c.package} {c.version}"
 
 
 def _next_step(verdict, verdicts, env) -> str:
@@ -188,7 +194,7 @@ def explain(args) -> int:
             print(f"{safe(m)}\n  {v.verdict}: {safe(v.reason)}")
             for c in v.candidates:
                 extra = f"; {safe(c.firmware.sentence())}" if c.firmware else ""
-                print(f"  candidate: {c.module} in {c.package} {c.version} (install: {c.request}){extra}")
+                print(f"  candidate: {_candidate_text(c)} (install: {c.request}){extra}")
         missing = [v for _, v in results if v.verdict == "missing"]
         if missing:
             print(_next_step("missing", missing, env))

@@ -38,6 +38,26 @@ class Engine:
         self._firmware_backend = None
         self.diagnoser = Diagnoser(paths, self.policy, self.env)
         self.diagnoser.firmware_lookup = self._firmware_lookup
+        self.diagnoser.repository_lookup = self._repository_lookup
+
+    def _repository_lookup(self):
+        """The repositories' driver announcements (modalias() provides and supplements), matched
+        by libkmod; cached in STATE_DIR per repository metadata revision, so that a status with
+        an unknown device (every host bridge) does not ask the package manager each time."""
+        from ..backends import driver_announcements
+        from .repository import RepositoryDrivers, load_cached, save_cached
+
+        if self._firmware_backend is None:
+            self._firmware_backend = self.backend()
+        backend = self._firmware_backend
+        revision = getattr(backend, "metadata_revision", lambda: None)()
+        items = load_cached(self.paths.state_dir, revision) if revision else None
+        if items is None:
+            found = driver_announcements(backend, cache_only=not self.online)
+            items = found.items
+            if revision and not found.note:
+                save_cached(self.paths.state_dir, revision, items)
+        return RepositoryDrivers(items) if items else None
 
     def _firmware_lookup(self, names: list[str]):
         """Which packages hold these firmware files: the policy's package manager, asked lazily

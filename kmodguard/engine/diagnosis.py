@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from ..config import Config
 from ..devices import INTENTIONAL_DRIVERS, Device
-from ..errors import InvalidInput, KmodError
+from ..errors import InvalidInput, KmodError, KmodguardError
 from ..index.store import KernelIndex, PackageIndex
 from ..kmod import Context
 from ..paths import Paths
@@ -64,16 +64,17 @@ def check_modalias(value: str) -> str:
 
 
 class Candidate(NamedTuple):
-    module: str
+    module: str | None  # None: a repository's announcement names a package, not its module
     package: str
     version: str
     request: str
     firmware_missing: tuple[str, ...] = ()
     firmware: FirmwareNeed | None = None  # the packages its firmware needs, when none of it is on disk
+    origin: str = "index"  # index | repository (a modalias() provide or supplement in its metadata)
 
     def as_json(self) -> dict:
         doc = {"module": self.module, "package": self.package, "version": self.version,
-               "request": self.request, "firmware_missing": list(self.firmware_missing)}
+               "request": self.request, "firmware_missing": list(self.firmware_missing), "origin": self.origin}
         if self.firmware:  # only when none of its firmware is on disk
             doc["firmware"] = self.firmware.as_json()
         return doc
@@ -155,6 +156,9 @@ class Diagnoser:
         self._fw_memo: dict[tuple[str, str], tuple[str, ...]] = {}
         # names -> FirmwareLookup (the Engine gives one backed by the package manager)
         self.firmware_lookup: Lookup | None = None
+        # () -> RepositoryDrivers: the repositories' driver announcements (the Engine gives one)
+        self.repository_lookup = None
+        self._repository = None
         self._need_memo: dict[tuple[str, tuple[str, ...]], FirmwareNeed | None] = {}
         self._fw_present: frozenset[str] | None = None
         self._loaded: frozenset[str] | None = None
@@ -239,18 +243,54 @@ class Diagnoser:
         if not self.index.exists:
             why = "; ".join(str(e.message) for e in self.index.errors.values())
             prefix = f"{self.installed_problem}; " if self.installed_problem else "no installed module matches; "
-            return Verdict("unindexed", prefix + (f"the index for {self.paths.kver} is unusable ({why}): rebuild it with 'kmodguard index build'"
-                                                  if why else f"there is no index for kernel {self.paths.kver}: build one with 'kmodguard index build'"))
+            return self._or_repository(modalias, Verdict("unindexed", prefix + (
+                f"the index for {self.paths.kver} is unusable ({why}): rebuild it with 'kmodguard index build'"
+                if why else f"there is no index for kernel {self.paths.kver}: build one with 'kmodguard index build'")))
         found = self.index.lookup(modalias)
         if not found and self.index.errors:
             broken = "; ".join(e.message for e in self.index.errors.values())
-            return Verdict("unindexed", f"no installed or indexed module matches, but part of the index is unusable "
-                                        f"({broken}): rebuild it with 'kmodguard index build'")
+            return self._or_repository(modalias, Verdict(
+                "unindexed", f"no installed or indexed module matches, but part of the index is unusable "
+                             f"({broken}): rebuild it with 'kmodguard index build'"))
         if not found:
             names = ", ".join(p.name for p in self.index.packages)
-            return Verdict("unknown", f"no module in the installed tree or in the indexed packages ({names}) matches: "
-                                      f"this kernel has no driver for it")
+            return self._or_repository(modalias, Verdict(
+                "unknown", f"no module in the installed tree or in the indexed packages ({names}) matches: "
+                           f"this kernel has no driver for it"))
         return self._candidates_verdict(found)
+
+    def _or_repository(self, modalias: str, verdict: Verdict) -> Verdict:
+        """Nothing of the kernel's own drives it: does a repository announce a driver package?"""
+        found = self._repository_candidates(modalias)
+        if not found:
+            return verdict
+        first = found[0]
+        how = "supplements" if first[1] == "supplements" else "provides"
+        reason = (f"{verdict.reason.rstrip('.')}; but the repositories announce {first[0].package} {first[0].version} "
+                  f"for it (its metadata {how} modalias({first[2]}))")
+        return Verdict("missing", reason, candidates=tuple(c for c, _, _ in found))
+
+    def _repository_candidates(self, modalias: str) -> list[tuple[Candidate, str, str]]:
+        """(candidate, how, pattern) for each repository package announcing this modalias."""
+        if self.repository_lookup is None:
+            return []
+        if self._repository is None:
+            try:
+                self._repository = self.repository_lookup() or False  # asked once a Diagnoser
+            except (KmodguardError, OSError):
+                self._repository = False  # no package manager to ask: the kernel's own verdict stands
+        if not self._repository:
+            return []
+        from .. import requests
+
+        out = []
+        for a in self._repository.lookup(modalias):
+            try:
+                request = requests.build(requests.NAME_VERSION, a.package, self.paths.kver, a.version)
+            except InvalidInput:
+                continue
+            out.append((Candidate(None, a.package, a.version, request, origin="repository"), a.how, a.pattern))
+        return out
 
     def _all_installed_blocked(self, modalias: str, names: list[str], blocked: dict[str, str]) -> Verdict:
         """Every installed match is blacklisted: 'missing' when an indexed package holds a match

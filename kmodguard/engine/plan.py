@@ -104,14 +104,15 @@ def make_plan(kernel: str, judged: list[tuple[Device, Verdict]], config: Config,
         action, request = _action(device, verdict, config, kernel)
         if action.action in ("install", "load"):
             why = boot_critical(device)
-            if why:
+            if why and action.module:
                 critical[action.module] = why
                 action = action._replace(boot_critical=why)
-            load[action.module] = None
+            if action.module:  # None: a repository's package; its module is known once installed
+                load[action.module] = None
             # the module's package and its firmware packages: all in the one transaction
             for r in ([request] if request is not None else []) + _firmware_requests(action.module, verdict, config):
                 known = install.setdefault(r.request, r)
-                if action.module not in known.for_modules:
+                if action.module and action.module not in known.for_modules:
                     install[r.request] = known._replace(for_modules=known.for_modules + (action.module,))
         actions.append(action)
     modules = list(load)
@@ -166,8 +167,9 @@ def _action(device: Device, verdict: Verdict, config: Config,
                 continue
             fw = [r.package for r in _firmware_requests(cand.module, verdict, config)]
             also = f" and {', '.join(fw)} for its firmware" if fw else ""
+            what = cand.module or "the driver its repository metadata announces for this device"
             return (DeviceAction(**base, action="install", module=cand.module, package=cand.package,
-                                 reason=f"install {cand.package} {cand.version} for {cand.module}{also}"),
+                                 reason=f"install {cand.package} {cand.version} for {what}{also}"),
                     PackageRequest(cand.package, cand.version, request))
         if bad:
             return DeviceAction(**base, action="refused", module=verdict.candidates[0].module, package=bad[0][0],

@@ -134,19 +134,23 @@ class Remediation:
         else:
             self._step("depmod", "skipped", "the module index already has every module", t)
 
+        # a repository's driver package names no module: the installed tree now says which one
+        acting = self._announced_modules(acting)
+        to_load = list(dict.fromkeys([*plan.load, *(a.module for a in acting if a.module)]))
+
         # 3. load
         t = time.monotonic()
-        self.progress(f"step load: {', '.join(plan.load) or 'nothing'}")
+        self.progress(f"step load: {', '.join(to_load) or 'nothing'}")
         load_errors: dict[str, str] = {}
-        if plan.load and self.paths.installed_modules.is_dir():
+        if to_load and self.paths.installed_modules.is_dir():
             ctx = Context(self.paths.installed_modules, self.paths.modprobe_dirs)
-            for module in plan.load:
+            for module in to_load:
                 try:
                     ctx.load(module)
                 except KmodError as exc:
                     load_errors[module] = _load_error(exc)
-        self._step("load", "failed" if load_errors else ("done" if plan.load else "skipped"),
-                   "; ".join(f"{m}: {e}" for m, e in load_errors.items()) or ", ".join(plan.load), t)
+        self._step("load", "failed" if load_errors else ("done" if to_load else "skipped"),
+                   "; ".join(f"{m}: {e}" for m, e in load_errors.items()) or ", ".join(to_load), t)
 
         # 4. re-probe each device and check that it is bound
         t = time.monotonic()
@@ -167,6 +171,27 @@ class Remediation:
         return outcomes
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _announced_modules(self, acting: list) -> list:
+        """Each device whose package a repository announced: the module that matches it in the
+        installed tree now (depmod first when nothing does yet), blacklists honoured."""
+        if not any(a.module is None and a.action == "install" for a in acting):
+            return acting
+        mdir = self.paths.installed_modules
+
+        def match() -> dict[str, str | None]:
+            if not (mdir / "modules.dep.bin").exists():
+                return {}
+            ctx = Context(mdir, self.paths.modprobe_dirs)
+            black = ctx.blacklist()
+            return {a.id: next((n for n in ctx.lookup(a.modalias) if n not in black), None)
+                    for a in acting if a.module is None}
+
+        found = match()
+        if not all(found.get(a.id) for a in acting if a.module is None):
+            self._depmod()
+            found = match()
+        return [a._replace(module=found.get(a.id)) if a.module is None else a for a in acting]
 
     def _unresolved(self, modules) -> list[str]:
         mdir = self.paths.installed_modules
@@ -191,6 +216,10 @@ class Remediation:
         driver = _driver(action.syspath)
         if driver:
             return Outcome(action.id, action.syspath, "now-bound", driver, f"bound to {driver}")
+        if action.module is None:
+            return Outcome(action.id, action.syspath, "failed", None,
+                           f"{action.package} is installed, but no module in the module tree matches the device "
+                           "(its repository metadata announced it for it)")
         if action.module in load_errors:
             return Outcome(action.id, action.syspath, "failed", None,
                            f"{action.module} could not be loaded: {load_errors[action.module]}")
