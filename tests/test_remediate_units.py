@@ -8,9 +8,9 @@ import pytest
 
 from kmodguard.backends.apt import AptBackend
 from kmodguard.backends._rpmdb import split_request
-from kmodguard.engine.remediate import kernel_reason
+from kmodguard.engine.remediate import _load_error, kernel_reason
 from kmodguard.engine.state import Backoff, RemediationLock
-from kmodguard.errors import KmodguardError
+from kmodguard.errors import KmodError, KmodguardError
 
 KMSG = (
     "6,1201,5020000,-;pci 0000:00:05.0: [10de:1eb8] type 00 class 0x030000\n"
@@ -124,3 +124,11 @@ def test_apt_backend_asks_apt_for_real():
         apt.is_installed("dpkg")
     with pytest.raises(KmodguardError):
         apt.query(["two words"])
+
+
+def test_a_signature_the_kernel_rejects_says_what_to_do():
+    # finit_module fails with EKEYREJECTED under Secure Boot for a module signed by an unknown key
+    import errno
+
+    why = _load_error(KmodError("loading module kmg_third", errno.EKEYREJECTED))
+    assert "Key was rejected by service" in why and "mokutil --import" in why and "Secure Boot" in why

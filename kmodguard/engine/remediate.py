@@ -291,6 +291,10 @@ def _load_error(exc: KmodError) -> str:
         return "this kernel cannot load modules (built without module support)"
     if exc.errno == errno.EPERM:
         return "not permitted (root is needed; or module loading is locked down / Secure Boot refused it)"
+    if exc.errno == errno.EKEYREJECTED:  # "Key was rejected by service": Secure Boot / module.sig_enforce
+        return ("the kernel rejected the module's signature (Key was rejected by service): Secure Boot or "
+                "module.sig_enforce allows only modules signed by a trusted key; install the distribution's signed "
+                "module package, or enroll the signing key ('mokutil --import KEY.der', then reboot)")
     if exc.errno == errno.ENOEXEC:
         return "the module does not fit this kernel (wrong version or a bad file)"
     return os.strerror(exc.errno)

@@ -69,10 +69,11 @@ def _valid(item) -> bool:
 def load_cached(state_dir: Path, key: str) -> tuple | None:
     """The announcements cached for this metadata revision, or None (absent, stale, or refused)."""
     from ..backends import Announcement
+    from ..errors import KmodguardError
 
     try:
         doc = json.loads(read_capped(Path(state_dir) / CACHE_FILE, CACHE_CAP, follow=False))
-    except (OSError, ValueError, RecursionError, Exception):  # any bad cache is only a cache miss
+    except (KmodguardError, OSError, ValueError, RecursionError):  # a bad cache is only a cache miss
         return None
     if not isinstance(doc, dict) or doc.get("key") != key or not isinstance(doc.get("items"), list):
         return None
