@@ -63,6 +63,9 @@ def _patterns(where: str, value) -> tuple[str, ...]:
         if e.count("*") > 1 or not NAME_RE.fullmatch(e.replace("*", "x")) or not e.isascii():
             raise InvalidInput(f"{where}: {e[:64]!r} is not a package name or a pattern with one '*' "
                                "(names are [a-z0-9][a-z0-9+._-]*)")
+        if "*" in e and len(e) - 1 < 3:  # '*' alone would admit any package from any repository
+            raise InvalidInput(f"{where}: {e!r} admits nearly every package name; a pattern needs at least "
+                               "3 other characters (e.g. 'kernel-firmware-*')")
     return entries
 
 

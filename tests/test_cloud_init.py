@@ -116,7 +116,7 @@ def test_the_policy_each_example_writes_is_accepted_by_kmodguard(example, tmp_pa
     ('mode = "sometimes"\n', "mode", "off, offer, auto"),
     ('initramfs = "later"\n', "initramfs", "auto, always, never"),
     ('mode = "auto"\ncolour = "blue"\n', "unknown key 'colour'",
-     "known: auto_buses, backend, ignore, initramfs, mode, packages, timeouts"),
+     "known: auto_buses, backend, firmware_packages, ignore, initramfs, mode, packages, timeouts"),
     ('[timeouts]\nforever = 1\n', "unknown key timeouts.forever", "known: package_manager, lock_wait, settle, dracut"),
 ])
 def test_a_bad_drop_in_is_refused_naming_file_key_and_allowed_values(tmp_path, text, key, allowed):

@@ -84,3 +84,23 @@ def test_auto_buses_names_buses_as_sysfs_spells_them(kmodguard, value, says):
     assert says in res.stderr and "known buses: " in res.stderr and "virtio" in res.stderr, res.stderr
     (etc / "kmodguard.toml").write_text('auto_buses = ["pci", "usb", "virtio"]\n')
     assert kmodguard("config", "check").returncode == 0
+
+
+def test_firmware_packages_default_and_patterns(tmp_path):
+    c = config.load(tmp_path)
+    for name in ("linux-firmware", "amd-gpu-firmware", "nvidia-gpu-firmware", "iwl7260-firmware",
+                 "kernel-firmware-amdgpu", "firmware-misc-nonfree"):
+        assert c.firmware_allowed(name), name
+    for name in ("bash", "kernel-firmware-", "firmware-", "iwl-firmware", "kernel-modules", "Linux-Firmware"):
+        assert not c.firmware_allowed(name), name
+    (tmp_path / "kmodguard.toml").write_text('firmware_packages = ["kmg-*-firmware"]\n')
+    c = config.load(tmp_path)
+    assert c.firmware_allowed("kmg-gpu-firmware") and not c.firmware_allowed("linux-firmware")
+
+
+@pytest.mark.parametrize("value", ['["a*b*"]', '["*"]', '["Bad"]', '["-x"]', '"linux-firmware"', '[""]'])
+def test_a_bad_firmware_packages_entry_is_refused(tmp_path, value):
+    (tmp_path / "kmodguard.toml").write_text(f"firmware_packages = {value}\n")
+    with pytest.raises(InvalidInput) as exc:
+        config.load(tmp_path)
+    assert "firmware_packages" in exc.value.message
