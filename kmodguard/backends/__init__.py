@@ -95,8 +95,17 @@ def firmware_lookup(backend, names: list[str], *, cache_only: bool) -> FirmwareL
     method = getattr(backend, "firmware_providers", None)
     if method is None:
         return FirmwareLookup({}, {}, f"kmodguard cannot yet ask {backend.name} which package holds firmware: "
-                                      "install the firmware package by hand")
+                                      f"install the firmware package by hand ({BY_HAND.get(backend.name, BY_HAND[''])})")
     return method(names, cache_only=cache_only)
+
+
+# how a person finds the firmware package where kmodguard cannot ask
+BY_HAND = {
+    "apt": "'apt-file search /lib/firmware/NAME' names it; Debian keeps firmware in firmware-* packages of "
+           "the non-free-firmware component, which may need enabling in the APT sources",
+    "zypper": "'zypper search --provides /lib/firmware/NAME' names it (SUSE's kernel-firmware-* packages)",
+    "": "the distribution's firmware packages hold /lib/firmware/NAME",
+}
 
 
 def choose(name: str, package_manager: str | None, root=None, timeout: float = 900.0,
