@@ -23,6 +23,7 @@ from rpmbuild import KVER
 THIRD = "pci:v0000EEEEd00000009sv00000000sd00000000bc02sc00i00"
 SUPPLEMENTED = "pci:v0000EEEEd00000010sv00000000sd00000000bc03sc00i00"
 LATER = "pci:v0000EEEEd00000011sv00000000sd00000000bc02sc00i00"
+FLAVOURED = "pci:v0000EEEEd00000012sv00000000sd00000000bc03sc00i00"  # a KMP for SUSE's kernel-default only
 GPU = synthetic.ALIAS["gpu"]  # kernel-modules' kmg_gpu: an indexed candidate comes first
 POLICY = 'backend = "dnf"\n[timeouts]\nsettle = 0.2\nlock_wait = 2\npackage_manager = 120\n'
 
@@ -36,8 +37,10 @@ def drivers_repo(repo, tmp_path_factory):
     out = top / "repo"
     rpmbuild.build_rpm(out, "kmod-kmgthird", "1.2", provides=("modalias(pci:v0000EEEEd00000009sv*sd*bc*sc*i*)",),
                        files={f"/lib/modules/{KVER}/extra/kmg/kmg_third.ko": ko.read_bytes()}, sign=key)
+    rpmbuild.build_rpm(out, "kernel-firmware-kmg", "20261201",
+                       supplements=("modalias(pci:v0000EEEEd00000010sv*sd*bc03sc*i*)",), sign=key)
     rpmbuild.build_rpm(out, "kmg-sup-kmp-default", "3.0",
-                       supplements=("modalias(kernel-default:pci:v0000EEEEd00000010sv*sd*bc03sc*i*)",), sign=key)
+                       supplements=("modalias(kernel-default:pci:v0000EEEEd00000012sv*sd*bc03sc*i*)",), sign=key)
     return rpmbuild.createrepo(out)
 
 
@@ -77,8 +80,11 @@ def test_a_modalias_provide_makes_the_device_missing_with_the_repository_package
     assert [(c["package"], c["module"], c["origin"], c["request"]) for c in third["candidates"]] == [
         ("kmod-kmgthird", None, "repository", "kmod-kmgthird = 1.2-1")]
     assert "provides modalias(pci:v0000EEEEd00000009sv*sd*bc*sc*i*)" in third["reason"]
-    assert sup["verdict"] == "missing" and sup["candidates"][0]["package"] == "kmg-sup-kmp-default"
-    assert "supplements" in sup["reason"]
+    assert sup["verdict"] == "missing" and sup["candidates"][0]["package"] == "kernel-firmware-kmg"
+    assert "supplements modalias(pci:v0000EEEEd00000010sv*sd*bc03sc*i*)" in sup["reason"]
+    # libsolv's '(kernel-default and namespace:modalias(...))': not for this kernel (no -default flavour)
+    (flavoured,) = explain(kmg, FLAVOURED, code=0)
+    assert flavoured["verdict"] == "unknown"
     assert gpu["candidates"][0]["origin"] == "index"
     (none,) = explain(kmg, synthetic.ALIAS["none"], code=0)
     assert none["verdict"] == "unknown"  # nothing announces it
@@ -123,3 +129,17 @@ def test_new_repository_metadata_is_read_again(machine, drivers_repo, repo, tmp_
     assert dnf(root, "makecache").returncode == 0
     (now,) = explain(kmg, LATER)
     assert now["verdict"] == "missing" and now["candidates"][0]["package"] == "kmod-kmglater"
+
+
+def test_a_flavoured_supplement_counts_on_a_kernel_of_that_flavour(machine, tmp_path):
+    kmg, _ = machine
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "modules").write_text("")  # a kernel that loads modules
+    suse = "6.4.0-150600.23.25-default"
+    env = {**kmg.env, "KMODGUARD_PROC": str(proc), "KMODGUARD_MODULES_DIR": str(tmp_path / "no-tree")}
+    res = dataclasses.replace(kmg, env=env)("explain", "--json", "--kver", suse, FLAVOURED, check_code=3)
+    (result,) = res.json["results"]
+    assert result["verdict"] == "missing", result
+    assert [(c["package"], c["request"]) for c in result["candidates"]] == [("kmg-sup-kmp-default",
+                                                                             "kmg-sup-kmp-default = 3.0-1")]

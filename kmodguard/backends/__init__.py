@@ -43,6 +43,7 @@ class Announcement(NamedTuple):
     version: str  # the package's version in the repositories (EVR)
     pattern: str  # e.g. 'pci:v000010DEd*sv*sd*bc03sc*i*'
     how: str  # provides | supplements
+    flavour: str = ""  # SUSE: 'kernel-default' when it supplements only that kernel flavour
 
 
 class Announcements(NamedTuple):

@@ -44,6 +44,9 @@ CACHE_DIRS = {"dnf": "var/cache/dnf", "dnf5": "var/cache/libdnf5"}
 # parentheses or '#' (it becomes a word of a kmod configuration line)
 MODALIAS_DEP = re.compile(r"modalias\(([^()\s]*)\)")
 MODALIAS_PATTERN = re.compile(r"[a-z0-9_]+:[!-~]{1,512}", re.ASCII)
+# SUSE's modalias(kernel-default:PATTERN), as libsolv shows it: for that kernel flavour only
+FLAVOURED_DEP = re.compile(r"\((kernel-[a-z0-9_+.-]+) and namespace:modalias\(([^()\s]*)\)\)")
+FLAVOUR_RE = re.compile(r"kernel-[a-z0-9_+.-]+", re.ASCII)
 
 
 class DnfBackend:
@@ -249,7 +252,8 @@ class DnfBackend:
                     ok = req.NAME_RE.fullmatch(name) and len(name) <= req.MAX and req.VERSION_RE.fullmatch(evr)
                     current = (name, evr) if ok else None
                 elif current:
-                    items += [Announcement(*current, p, how) for p in MODALIAS_DEP.findall(line)
+                    flavoured = dict((p, f) for f, p in FLAVOURED_DEP.findall(line))
+                    items += [Announcement(*current, p, how, flavoured.get(p, "")) for p in MODALIAS_DEP.findall(line)
                               if MODALIAS_PATTERN.fullmatch(p) and "#" not in p]
             if any(line.startswith("Ignoring repositories:") for line in res.stderr.splitlines()) and not notes:
                 notes.append(f"{self.name} ignored some repositories (no cached metadata: run '{self.name} makecache')")

@@ -57,7 +57,8 @@ class Engine:
             items = found.items
             if revision and not found.note:
                 save_cached(self.paths.state_dir, revision, items)
-        return RepositoryDrivers(items) if items else None
+        drivers = RepositoryDrivers(items, kver=self.paths.kver) if items else None
+        return drivers if drivers and drivers.announcements else None
 
     def _firmware_lookup(self, names: list[str]):
         """Which packages hold these firmware files: the policy's package manager, asked lazily

@@ -33,8 +33,10 @@ PREFIX = "kmgrepo_"
 class RepositoryDrivers:
     """The announcements of one question (a status, an explain), matched with libkmod."""
 
-    def __init__(self, announcements: tuple, note: str | None = None):
-        self.announcements = tuple(announcements)
+    def __init__(self, announcements: tuple, note: str | None = None, kver: str | None = None):
+        # a flavoured one (SUSE: kernel-default:PATTERN) counts only on a kernel of that flavour
+        self.announcements = tuple(a for a in announcements if not a.flavour or kver is None
+                                   or kver.endswith("-" + a.flavour.removeprefix("kernel-")))
         self.note = note
         self._dir = Path(tempfile.mkdtemp(prefix="kmodguard-repo-"))
         weakref.finalize(self, shutil.rmtree, self._dir, True)
@@ -58,12 +60,12 @@ class RepositoryDrivers:
 
 def _valid(item) -> bool:
     """An announcement read back from the cache is checked as the backend checked it."""
-    from ..backends.dnf import MODALIAS_PATTERN
+    from ..backends.dnf import FLAVOUR_RE, MODALIAS_PATTERN
 
-    return (isinstance(item, list) and len(item) == 4 and all(isinstance(x, str) for x in item)
+    return (isinstance(item, list) and len(item) == 5 and all(isinstance(x, str) for x in item)
             and requests.NAME_RE.fullmatch(item[0]) is not None and requests.VERSION_RE.fullmatch(item[1]) is not None
             and MODALIAS_PATTERN.fullmatch(item[2]) is not None and "#" not in item[2]
-            and item[3] in ("provides", "supplements"))
+            and item[3] in ("provides", "supplements") and (item[4] == "" or FLAVOUR_RE.fullmatch(item[4]) is not None))
 
 
 def load_cached(state_dir: Path, key: str) -> tuple | None:
