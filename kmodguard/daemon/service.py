@@ -310,8 +310,8 @@ class Daemon:
     def _needs_driver(self, held: Held) -> None:
         if self.policy.mode == "off":
             return
-        what = (f"{held.module} in {held.candidate.package} {held.candidate.version}" if held.candidate
-                else f"installed module {held.module}")
+        what = (f"{held.module or 'the driver'} in {held.candidate.package} {held.candidate.version}" if held.candidate
+                else f"installed module {held.module}")  # no module: a repository announces the package
         log.warning("%s needs a driver: %s (%s): %s", held.device.id, held.verdict.verdict, what, held.verdict.reason,
                     extra=systemd.fields("needs-driver", device=held.device.syspath, modalias=held.device.modalias,
                                          package=held.candidate.package if held.candidate else None,

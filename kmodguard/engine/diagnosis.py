@@ -264,10 +264,9 @@ class Diagnoser:
         found = self._repository_candidates(modalias)
         if not found:
             return verdict
-        first = found[0]
-        how = "supplements" if first[1] == "supplements" else "provides"
-        reason = (f"{verdict.reason.rstrip('.')}; but the repositories announce {first[0].package} {first[0].version} "
-                  f"for it (its metadata {how} modalias({first[2]}))")
+        candidate, how, pattern = found[0]
+        reason = (f"{verdict.reason.rstrip('.')}; but the repositories announce {candidate.package} {candidate.version} "
+                  f"for it (its metadata {how} modalias({pattern}))")
         return Verdict("missing", reason, candidates=tuple(c for c, _, _ in found))
 
     def _repository_candidates(self, modalias: str) -> list[tuple[Candidate, str, str]]:

@@ -30,7 +30,7 @@ def motd_text(offers: list[Offer]) -> str | None:
     lines = [f"kmodguard: {len(offers)} device(s) have no driver, and one is available:"]
     for o in offers[:8]:
         where = f"{o.package} {o.version} (not installed)" if o.package else "installed, not loaded"
-        lines.append(f"  {_printable(o.device_id)}: {o.module} in {where}")
+        lines.append(f"  {_printable(o.device_id)}: {o.module or 'a driver'} in {where}")  # None: announced by a repository
     if len(offers) > 8:
         lines.append(f"  ... and {len(offers) - 8} more")
     lines.append("Run 'sudo kmodguard fix' to install and load it ('kmodguard status' tells more).")
