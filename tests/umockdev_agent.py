@@ -3,7 +3,8 @@ the testbed to send uevents), driven by JSON lines on stdin; each command is ans
 line on stdout. Tests talk to it through daemon_world.Testbed.
 
   {"op": "add", "records": "P: /devices/...\\n..."}          -> {"ok": true}
-  {"op": "uevent", "syspaths": [...], "action": "add", "pace": 0.002} -> {"ok": true}  (a burst)
+  {"op": "uevent", "syspaths": [...], "action": "add", "pace": 0.002} -> {"ok": true, "sent": [t, ...]}
+      (a burst; "sent": time.monotonic() after each uevent was handed over)
   {"op": "remove", "syspath": "/sys/devices/..."}            -> {"ok": true}
   {"op": "link", "syspath": ..., "name": "driver", "target": "../../..."} -> {"ok": true}
   first line written on start: {"root": testbed root dir}
@@ -24,6 +25,7 @@ for line in sys.stdin:
     cmd = json.loads(line)
     op = cmd["op"]
     ok = True
+    sent = []
     if op == "add":
         ok = testbed.add_from_string(cmd["records"])
     elif op == "uevent":
@@ -34,11 +36,12 @@ for line in sys.stdin:
             if i:
                 time.sleep(cmd.get("pace", 0.002))
             testbed.uevent(syspath, cmd["action"])
+            sent.append(time.monotonic())  # CLOCK_MONOTONIC: comparable with the caller's clock
     elif op == "remove":
         testbed.remove_device(cmd["syspath"])
     elif op == "link":
         testbed.set_attribute_link(cmd["syspath"], cmd["name"], cmd["target"])
     else:
         ok = False
-    print(json.dumps({"ok": bool(ok)}), flush=True)
+    print(json.dumps({"ok": bool(ok), **({"sent": sent} if sent else {})}), flush=True)
 testbed.clear()

@@ -180,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     daemon = command("daemon", "watch udev and act on policy (the service kmodguard.service runs)", """\
         Run in the foreground (systemd's Type=notify service, or by hand): judge every device at start
-        (coldplug), then every device udev adds, binds, unbinds or removes, once udev has been quiet for
-        timeouts.settle seconds (a burst such as 64 new SR-IOV VFs is ONE decision). Devices that need a
+        (coldplug), then every device udev adds, binds, unbinds or removes, as soon as it is read. A
+        device no installed module matches is announced at once; one an installed module matches is
+        given timeouts.settle seconds to bind first (its bind event ends the wait). Devices that need a
         driver are announced in the journal, on D-Bus (org.kmodguard.Daemon1) and in the MOTD
-        (/run/motd.d/kmodguard), and in mode 'auto' fixed (one remediation per burst, out of process:
+        (/run/motd.d/kmodguard), and in mode 'auto' fixed once udev has been quiet for timeouts.settle
+        seconds (a burst such as 64 new SR-IOV VFs is one remediation, out of process:
         kmodguard-fix.service under systemd, a child process otherwise). A world-readable snapshot of
         the daemon's state is kept in RUNTIME_DIR/state.json ('kmodguard status' attaches it).
         SIGHUP reloads the policy and the indexes; SIGTERM stops. Logs go to the journal under systemd,
