@@ -3,9 +3,9 @@
 Both run with the same interpreter and environment, alternating, after warm-up runs (so both
 find their .pyc files and shared libraries in the page cache: "cold" means a new process, not
 a cold disk). status judges this machine's real devices (/sys through pyudev) against the real
-tree's installed core modules and the package index. Medians of N runs; goal ratio <= 1.5.
+tree's installed core modules and the package index. Medians of N runs; goal ratio <= 1.3.
 Peak RSS of the status process is read by GNU time (or busybox time), not by os.wait4 from this
-process: Linux carries the spawner's peak RSS across exec (goal <= 30 MiB).
+process: Linux carries the spawner's peak RSS across exec (goal <= 25 MiB).
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def run(world, runs: int = 15, warmup: int = 2, rss_runs: int = 3) -> dict:
     for d in doc["devices"]:
         verdicts[d["verdict"]] = verdicts.get(d["verdict"], 0) + 1
     rows = [
-        row("status", "kmodguard status --json, cold (median)", t_st, "s", "ratio <= 1.5", t_st / t_base <= 1.5,
+        row("status", "kmodguard status --json, cold (median)", t_st, "s", "ratio <= 1.3", t_st / t_base <= 1.3,
             t_base, 'python -c "import asyncio"', t_st / t_base),
-        row("status", "  peak RSS of the status process", rss / MiB, "MiB", "<= 30 MiB", rss <= 30 * MiB,
+        row("status", "  peak RSS of the status process", rss / MiB, "MiB", "<= 25 MiB", rss <= 25 * MiB,
             max(r for r, _ in rss_base) / MiB, 'python -c "import asyncio"', None),
     ]
     details = {

@@ -4,7 +4,7 @@ line on stdout. Tests talk to it through daemon_world.Testbed.
 
   {"op": "add", "records": "P: /devices/...\\n..."}          -> {"ok": true}
   {"op": "uevent", "syspaths": [...], "action": "add", "pace": 0.002} -> {"ok": true, "sent": [t, ...]}
-      (a burst; "sent": time.monotonic() after each uevent was handed over)
+      (a burst; "sent": time.monotonic() as each uevent was handed to umockdev)
   {"op": "remove", "syspath": "/sys/devices/..."}            -> {"ok": true}
   {"op": "link", "syspath": ..., "name": "driver", "target": "../../..."} -> {"ok": true}
   first line written on start: {"root": testbed root dir}
@@ -35,8 +35,8 @@ for line in sys.stdin:
         for i, syspath in enumerate(cmd["syspaths"]):
             if i:
                 time.sleep(cmd.get("pace", 0.002))
+            sent.append(time.monotonic())  # CLOCK_MONOTONIC: comparable with every process's clock
             testbed.uevent(syspath, cmd["action"])
-            sent.append(time.monotonic())  # CLOCK_MONOTONIC: comparable with the caller's clock
     elif op == "remove":
         testbed.remove_device(cmd["syspath"])
     elif op == "link":
