@@ -56,7 +56,7 @@ TESTS = {
     "test_pci_testdev_has_no_driver_anywhere": "testdev",
     "test_offer_mode_names_the_package_in_status_motd_and_on_the_bus_and_installs_nothing": "offer",
     "test_device_claimed_for_passthrough_is_left_alone": "passthrough",
-    "test_four_devices_hotplugged_back_to_back_make_one_decision_and_one_transaction": "four",
+    "test_four_devices_hotplugged_back_to_back_make_one_fix_and_one_transaction": "four",
     "test_full_kernel_modules_package": "full",
 }
 
@@ -317,7 +317,7 @@ def test_device_claimed_for_passthrough_is_left_alone(scenario):
     assert signals(run, "DeviceNeedsDriver") == [], where(run)
 
 
-def test_four_devices_hotplugged_back_to_back_make_one_decision_and_one_transaction(scenario, scenarios):
+def test_four_devices_hotplugged_back_to_back_make_one_fix_and_one_transaction(scenario, scenarios):
     run = scenario("four")
     expected = {"intel-hda": "snd_hda_intel", "megasas": "megaraid_sas", "tulip": "tulip", "ES1370": "snd_ens1370"}
     addresses = []
