@@ -100,7 +100,7 @@ def main(argv=None) -> int:
             if name == "lookups":
                 import lookups
 
-                res = lookups.run(world, n=9000, repeats=1 if args.quick else 3, profile=args.profile)
+                res = lookups.run(world, n=9000, repeats=1 if args.quick else 5, profile=args.profile)
             elif name == "status":
                 import status_cold
 

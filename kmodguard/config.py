@@ -72,7 +72,10 @@ def _patterns(where: str, value) -> tuple[str, ...]:
 class Timeouts(NamedTuple):
     package_manager: float = 900.0  # one whole transaction
     lock_wait: float = 300.0  # waiting for another package manager to finish
-    settle: float = 2.0  # after a hotplug event, before calling a device unbound
+    # how long a device an installed module matches may take to bind before it is called unbound
+    # (its bind ends the wait; missing/unknown devices never wait), the quiet time before auto mode
+    # fixes a burst as one, and how long a re-probed device may take to bind during a fix
+    settle: float = 2.0
     dracut: float = 600.0
 
 

@@ -97,11 +97,12 @@ class Testbed:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.root = json.loads(self.proc.stdout.readline())["root"]
 
-    def _do(self, **cmd) -> None:
+    def _do(self, **cmd) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         answer = json.loads(self.proc.stdout.readline())
         assert answer["ok"], cmd
+        return answer
 
     def add(self, records: str) -> None:
         self._do(op="add", records=records)
@@ -109,9 +110,11 @@ class Testbed:
     def uevent(self, syspath: str, action: str) -> None:
         self._do(op="uevent", syspaths=[syspath], action=action)
 
-    def uevents(self, syspaths: list[str], action: str) -> None:
-        """A burst: every event sent back to back."""
-        self._do(op="uevent", syspaths=syspaths, action=action)
+    def uevents(self, syspaths: list[str], action: str, pace: float | None = None) -> list[float]:
+        """A burst: every event sent back to back, or `pace` seconds apart. Returns when each was
+        sent (time.monotonic(), the same clock in every process of this machine)."""
+        return self._do(op="uevent", syspaths=syspaths, action=action,
+                        **({"pace": pace} if pace is not None else {}))["sent"]
 
     def remove(self, syspath: str) -> None:
         self._do(op="remove", syspath=syspath)

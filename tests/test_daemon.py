@@ -51,12 +51,12 @@ def notify(tmp_path):
     n.close()
 
 
-def daemon_env(runner, tmp_path: Path, policy: str = "") -> dict:
+def daemon_env(runner, tmp_path: Path, policy: str = "", settle: float = SETTLE) -> dict:
     """The world's environment, with the policy given (settle shortened for tests)."""
     etc = Path(runner.env["KMODGUARD_CONFIG_DIR"])
     etc.mkdir(parents=True, exist_ok=True)
     top, _, timeouts = policy.partition("[timeouts]\n")
-    (etc / "kmodguard.toml").write_text(f"{top}[timeouts]\nsettle = {SETTLE}\n{timeouts}")
+    (etc / "kmodguard.toml").write_text(f"{top}[timeouts]\nsettle = {settle}\n{timeouts}")
     return {**runner.env, "KMODGUARD_MOTD_DIR": str(tmp_path / "motd.d"), "KMODGUARD_CONTAINER": "none"}
 
 
@@ -66,10 +66,10 @@ def started(indexed, tmp_path, testbed, notify, bus):
     daemons = []
     clients = []
 
-    def start(policy: str = "", records: str = "", kver: str = KVER, **kw):
+    def start(policy: str = "", records: str = "", kver: str = KVER, settle: float = SETTLE, **kw):
         if records:
             testbed.add(records)
-        env = daemon_env(indexed, tmp_path, policy)
+        env = daemon_env(indexed, tmp_path, policy, settle)
         d = DaemonProcess(env, testbed, tmp_path, notify=notify, bus=bus, args=["--kver", kver], **kw)
         daemons.append(d)
         notify.wait_for("READY", "1", timeout=60)
@@ -85,10 +85,10 @@ def started(indexed, tmp_path, testbed, notify, bus):
         assert "Traceback" not in d.log_text(), d.log_text()
 
 
-def add_and_announce(testbed: Testbed, records: str, syspaths: list[str]) -> float:
+def add_and_announce(testbed: Testbed, records: str, syspaths: list[str], pace: float | None = None) -> float:
     testbed.add(records)
     t = time.monotonic()
-    testbed.uevents(syspaths, "add")
+    testbed.uevents(syspaths, "add", pace)
     return t
 
 
@@ -134,19 +134,15 @@ def test_removal_updates_status_signal_and_motd(started, testbed, tmp_path):
     assert client.get_property("NeedsDriver") == []
 
 
-def test_sixty_four_vfs_added_at_once_make_one_decision(started, testbed):
+def test_sixty_four_vfs_added_at_once_are_each_announced_once(started, testbed):
     pf = "0000:00:04.0"
     daemon, client = started(records=pci_record(pf, synthetic.ALIAS["installed"], driver="kmg_core_nic",
                                                 attrs={"sriov_numvfs": "64", "sriov_drivers_autoprobe": "1"}))
-    before = daemon.wait_started()["decisions"]
     vfs = [f"0000:01:{i // 8:02x}.{i % 8}" for i in range(64)]
     records = "".join(pci_record(vf, GPU, parent="/devices/pci0000:00/0000:00:04.0",
                                  links={"physfn": f"../{pf}"}) for vf in vfs)
     add_and_announce(testbed, records, [f"{SYSPCI}/{pf}/{vf}" for vf in vfs])
-    snap = daemon.wait_until(lambda s: len(s["needs_driver"]) == 64, 20)
-    assert snap["decisions"] == before + 1  # one decision for the whole burst
-    decisions = {e["decision"] for e in snap["events"] if e["kind"] == "verdict" and e["device"] in vfs}
-    assert len(decisions) == 1
+    daemon.wait_until(lambda s: len(s["needs_driver"]) == 64, 20)
     for vf in vfs:
         client.wait_signal("DeviceNeedsDriver", lambda b: b[0] == vf, timeout=10)
     time.sleep(0.2)
@@ -154,18 +150,64 @@ def test_sixty_four_vfs_added_at_once_make_one_decision(started, testbed):
     assert sorted(b[0] for b in signals) == vfs  # one signal per device, each once
 
 
-def test_a_device_that_binds_during_the_settle_window_is_not_reported(started, testbed):
-    daemon, client = started()
-    before = daemon.wait_started()["decisions"]
-    testbed.add(pci_record("0000:00:05.0", GPU))
-    testbed.uevent(f"{SYSPCI}/0000:00:05.0", "add")
-    # udev loads the driver, which binds: the kernel says "bind" within the settle window
-    testbed.link(f"{SYSPCI}/0000:00:05.0", "driver", "../../../bus/pci/drivers/kmg_gpu")
-    testbed.uevent(f"{SYSPCI}/0000:00:05.0", "bind")
-    snap = daemon.wait_until(lambda s: s["decisions"] > before, 10)
+def test_missing_and_unknown_are_published_at_once_a_loadable_device_waits_out_the_settle_window(started, testbed):
+    """No installed module matches a missing or unknown device: nothing udev does can change
+    that, so the daemon says so at once. A device an installed module matches (loadable) is given
+    the settle window to bind first."""
+    settle = 5.0
+    daemon, client = started(settle=settle)
+    missing, loadable, unknown = "0000:00:05.0", "0000:00:06.0", "0000:00:07.0"
+    records = (pci_record(missing, GPU) + pci_record(loadable, synthetic.ALIAS["installed"])
+               + pci_record(unknown, NONE))
+    t_added = time.monotonic()  # adding the devices already sends their first add events
+    t0 = add_and_announce(testbed, records, [f"{SYSPCI}/{a}" for a in (loadable, missing, unknown)])
+    t_missing, body = client.wait_signal("DeviceNeedsDriver", lambda b: b[0] == missing, timeout=30)
+    assert body[2] == "missing"
+
+    def announced(snap, device, verdict):
+        return any(e["kind"] == "verdict" and e["device"] == device and e["verdict"] == verdict
+                   for e in snap["events"])
+
+    # the snapshot tells of the missing and the unknown device while the loadable one still waits
+    snap = daemon.wait_until(lambda s: announced(s, unknown, "unknown"), 30)
+    assert announced(snap, missing, "missing") and loadable not in snap["needs_driver"]
+    assert not announced(snap, loadable, "loadable")
+    t_loadable, body = client.wait_signal("DeviceNeedsDriver", lambda b: b[0] == loadable, timeout=settle + 30)
+    assert body[2] == "loadable"
+    assert t_missing < t0 + settle  # the missing one did not wait
+    assert t_added + settle <= t_loadable  # the loadable one did, from its first event on
+    assert [b[0] for m, b in client.drain() if m == "DeviceNeedsDriver"] == [missing, loadable]
+    assert sorted(daemon.snapshot()["needs_driver"]) == [missing, loadable]
+
+
+def test_a_loadable_device_that_binds_is_not_reported_and_its_bind_ends_the_wait(started, testbed):
+    settle = 120.0  # far longer than this test waits: only the bind event can end the wait
+    daemon, client = started(settle=settle)
+    device = "0000:00:06.0"
+    testbed.add(pci_record(device, synthetic.ALIAS["installed"]))
+    testbed.uevent(f"{SYSPCI}/{device}", "add")
+    # udev loads the installed driver, which binds: the kernel says "bind" within the settle window
+    testbed.link(f"{SYSPCI}/{device}", "driver", "../../../bus/pci/drivers/kmg_core_nic")
+    testbed.uevent(f"{SYSPCI}/{device}", "bind")
+    snap = daemon.wait_until(lambda s: any(e.get("device") == device for e in s["events"]), 30)
+    assert {e["verdict"] for e in snap["events"] if e.get("device") == device} == {"bound"}  # never loadable
     assert snap["needs_driver"] == []
-    assert [e["verdict"] for e in snap["events"] if e.get("device") == "0000:00:05.0"] == ["bound"]
     assert not any(m == "DeviceNeedsDriver" for m, _ in client.drain())
+
+
+def test_a_device_removed_while_it_waits_to_bind_is_never_reported(started, testbed):
+    daemon, client = started(settle=2.0)
+    device = f"{SYSPCI}/0000:00:06.0"
+    testbed.add(pci_record("0000:00:06.0", synthetic.ALIAS["installed"]))
+    testbed.uevent(device, "add")
+    testbed.uevent(device, "remove")
+    testbed.remove(device)
+    # a device after it, which is announced at once: by then the first one's events were read
+    add_and_announce(testbed, pci_record("0000:00:05.0", GPU), [f"{SYSPCI}/0000:00:05.0"])
+    client.wait_signal("DeviceNeedsDriver", lambda b: b[0] == "0000:00:05.0")
+    time.sleep(2.0 + 1.0)  # past the first device's settle window
+    assert [b[0] for m, b in client.drain() if m == "DeviceNeedsDriver"] == ["0000:00:05.0"]
+    assert daemon.snapshot()["needs_driver"] == ["0000:00:05.0"]
 
 
 # --- systemd: sd_notify, watchdog, journal --------------------------------------------------------
@@ -491,6 +533,33 @@ def test_auto_mode_fixes_a_burst_in_one_transaction_and_does_not_retry_in_a_stor
     assert snap["fixes"] == 1 and len(history(image)) == before + 1
     backoff = json.loads((Path(daemon.env["KMODGUARD_STATE_DIR"]) / "backoff.json").read_text())
     assert sorted(backoff) == sorted(devices)
+
+
+@pytest.mark.parametrize("count, pace", [(256, None), (64, 1 / 64)], ids=["256-event-storm", "64-vfs-over-a-second"])
+def test_auto_mode_announces_a_storm_one_by_one_and_fixes_it_in_one_transaction(started, testbed, image, count, pace):
+    """SR-IOV: N VFs appear (all at once, or over a second); each is announced when judged, and
+    the fix, once udev is quiet, is one plan and ONE package transaction (dnf's own history)."""
+    before = len(history(image))
+    pf = "0000:00:04.0"
+    daemon, client = started(AUTO, kver=RPM_KVER, records=pci_record(
+        pf, synthetic.ALIAS["installed"], driver="kmg_core_nic",
+        attrs={"sriov_numvfs": str(count), "sriov_drivers_autoprobe": "1"}))
+    vfs = [f"0000:01:{i // 8:02x}.{i % 8}" for i in range(count)]
+    add_and_announce(testbed, "".join(pci_record(vf, GPU, parent=f"/devices/pci0000:00/{pf}",
+                                                 links={"physfn": f"../{pf}"}) for vf in vfs),
+                     [f"{SYSPCI}/{pf}/{vf}" for vf in vfs], pace)
+    _, body = client.wait_signal("RemediationFinished", timeout=300)
+    record = json.loads(body[2])
+    assert sorted(record["devices"]) == vfs, record  # every VF in the one fix
+    # one by one, each once as missing (after the install they are loadable: this kernel cannot load them)
+    announced = [b[0] for m, b in client.drain() if m == "DeviceNeedsDriver" and b[2] == "missing"]
+    assert sorted(announced) == vfs
+    assert len(history(image)) == before + 1
+    assert any(p.startswith("kernel-modules-6.1.0") for p in installed(image))
+    time.sleep(SETTLE + 1.0)  # nothing left over for a second fix
+    snap = daemon.wait_until(lambda s: not s["fix_running"], 30)
+    assert snap["fixes"] == 1 and len(history(image)) == before + 1
+    assert [m for m, _ in client.drain() if m == "RemediationFinished"] == ["RemediationFinished"]
 
 
 def test_kmodguard_fix_asks_the_running_daemon(started, testbed, image):

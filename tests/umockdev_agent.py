@@ -3,7 +3,8 @@ the testbed to send uevents), driven by JSON lines on stdin; each command is ans
 line on stdout. Tests talk to it through daemon_world.Testbed.
 
   {"op": "add", "records": "P: /devices/...\\n..."}          -> {"ok": true}
-  {"op": "uevent", "syspaths": [...], "action": "add", "pace": 0.002} -> {"ok": true}  (a burst)
+  {"op": "uevent", "syspaths": [...], "action": "add", "pace": 0.002} -> {"ok": true, "sent": [t, ...]}
+      (a burst; "sent": time.monotonic() as each uevent was handed to umockdev)
   {"op": "remove", "syspath": "/sys/devices/..."}            -> {"ok": true}
   {"op": "link", "syspath": ..., "name": "driver", "target": "../../..."} -> {"ok": true}
   first line written on start: {"root": testbed root dir}
@@ -24,6 +25,7 @@ for line in sys.stdin:
     cmd = json.loads(line)
     op = cmd["op"]
     ok = True
+    sent = []
     if op == "add":
         ok = testbed.add_from_string(cmd["records"])
     elif op == "uevent":
@@ -33,6 +35,7 @@ for line in sys.stdin:
         for i, syspath in enumerate(cmd["syspaths"]):
             if i:
                 time.sleep(cmd.get("pace", 0.002))
+            sent.append(time.monotonic())  # CLOCK_MONOTONIC: comparable with every process's clock
             testbed.uevent(syspath, cmd["action"])
     elif op == "remove":
         testbed.remove_device(cmd["syspath"])
@@ -40,5 +43,5 @@ for line in sys.stdin:
         testbed.set_attribute_link(cmd["syspath"], cmd["name"], cmd["target"])
     else:
         ok = False
-    print(json.dumps({"ok": bool(ok)}), flush=True)
+    print(json.dumps({"ok": bool(ok), **({"sent": sent} if sent else {})}), flush=True)
 testbed.clear()

@@ -80,7 +80,44 @@ COMMON_DEFAULTS = {"json": False, "kver": None, "modules_dir": None, "index_dir"
                    "verbose": 0}
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("status", "explain", "fix", "check", "config", "footprint", "daemon", "index")
+_VALUE_OPTIONS = ("--kver", "--modules-dir", "--index-dir", "--config-dir")
+
+
+class _Skipped:
+    """A command build_parser was told to leave out: whatever is added to it goes nowhere."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kw: self
+
+
+def _named_commands(argv: list[str]) -> set[str] | None:
+    """The commands argv names, when its first word (after the common options) is one; None when
+    the whole parser is needed (no command, an unknown one, or -h/--version before it)."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        if argv[i] in ("-h", "--help", "--version", "--"):
+            return None
+        i += 2 if argv[i] in _VALUE_OPTIONS else 1
+    if i >= len(argv) or argv[i] not in COMMANDS:
+        return None
+    return {a for a in argv if a in COMMANDS}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parsed with only the subparsers of the commands argv names (building all of them is a few
+    milliseconds of every cold command); any usage error is worded by the whole parser."""
+    only = _named_commands(argv)
+    if only:
+        try:
+            return build_parser(only).parse_args(argv)
+        except InvalidInput:
+            pass
+    return build_parser().parse_args(argv)
+
+
+def build_parser(only: set[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; `only`: build just these commands' subparsers (see parse_args)."""
     common = _common()
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog="kmodguard", description=DESCRIPTION, epilog=EXIT_CODES + "\n" + ENVIRONMENT,
@@ -89,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def command(name, help_, description, **kw):
+        if only is not None and name not in only:
+            return _Skipped()
         return sub.add_parser(name, help=help_, description=textwrap.dedent(description), epilog=EXIT_CODES,
                               formatter_class=fmt, parents=[common], **kw)
 
@@ -186,10 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     daemon = command("daemon", "watch udev and act on policy (the service kmodguard.service runs)", """\
         Run in the foreground (systemd's Type=notify service, or by hand): judge every device at start
-        (coldplug), then every device udev adds, binds, unbinds or removes, once udev has been quiet for
-        timeouts.settle seconds (a burst such as 64 new SR-IOV VFs is ONE decision). Devices that need a
+        (coldplug), then every device udev adds, binds, unbinds or removes, as soon as it is read. A
+        device no installed module matches is announced at once; one an installed module matches is
+        given timeouts.settle seconds to bind first (its bind event ends the wait). Devices that need a
         driver are announced in the journal, on D-Bus (org.kmodguard.Daemon1) and in the MOTD
-        (/run/motd.d/kmodguard), and in mode 'auto' fixed (one remediation per burst, out of process:
+        (/run/motd.d/kmodguard), and in mode 'auto' fixed once udev has been quiet for timeouts.settle
+        seconds (a burst such as 64 new SR-IOV VFs is one remediation, out of process:
         kmodguard-fix.service under systemd, a child process otherwise). A world-readable snapshot of
         the daemon's state is kept in RUNTIME_DIR/state.json ('kmodguard status' attaches it).
         SIGHUP reloads the policy and the indexes; SIGTERM stops. Logs go to the journal under systemd,
@@ -313,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
     printable_streams()  # before logging takes sys.stderr
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         for name, default in COMMON_DEFAULTS.items():
             if not hasattr(args, name):
                 setattr(args, name, default)

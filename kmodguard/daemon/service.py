@@ -1,10 +1,13 @@
-"""The daemon: coldplug at start, udev events afterwards, one decision per burst, offers or fixes.
+"""The daemon: coldplug at start, udev events afterwards, verdicts at once, one fix per burst.
 
-Everything runs on one asyncio loop in one thread (libkmod contexts are not thread-safe). Events
-are gathered per syspath and judged together once udev has been quiet for `timeouts.settle`
-seconds (the window udev needs to load an installed driver, and the window that turns an SR-IOV
-`sriov_numvfs` write of 64 VFs into ONE decision and, in auto mode, ONE remediation). The fix
-itself runs out of process (runner.py); the daemon converges from the system after it.
+Everything runs on one asyncio loop in one thread (libkmod contexts are not thread-safe). The
+devices of the events read in one go are judged as soon as the monitor is drained. A device no
+installed module matches (missing, unknown, ...) is announced at once: nothing udev does can
+change that verdict. A device an installed module matches (loadable) waits up to
+`timeouts.settle` seconds for udev to load that module, a wait its `bind` event ends early. In
+auto mode the fix waits until udev has been quiet for `timeouts.settle`, so an SR-IOV
+`sriov_numvfs` write of 64 VFs is still ONE plan and ONE package transaction. The fix itself runs
+out of process (runner.py); the daemon converges from the system after it.
 
 Fronts subscribe through `Publisher` (the D-Bus interface is one); the daemon imports no bus code.
 """
@@ -25,7 +28,7 @@ import pyudev
 from .. import config as config_mod
 from ..devices import Device, from_udev, udev_context
 from ..engine import state
-from ..engine.api import Engine, device_json
+from ..engine.api import Engine, Judged, device_json
 from ..engine.diagnosis import NEEDS_ACTION, Verdict
 from ..engine.offer import Offer, motd_text, write_motd
 from ..errors import Busy, InvalidInput, KmodguardError
@@ -36,7 +39,7 @@ from .monitor import UdevWatch
 
 log = logging.getLogger("kmodguard.daemon")
 
-MAX_BATCH_EXTRA = 5.0  # a burst that never goes quiet is still judged this long after its window
+MAX_BATCH_EXTRA = 5.0  # a burst that never goes quiet is still fixed this long after its window
 EVENT_LOG = 64  # recent events kept in the snapshot
 STILL_NEEDS = "still needs a driver after kmodguard fix"
 
@@ -97,9 +100,15 @@ class Daemon:
         self.engine: Engine | None = None
         self._fingerprint = None
         self.held: dict[str, Held] = {}
-        self.pending: dict[str, float] = {}  # syspath -> time of its first event in this burst
-        self._burst_started = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self.pending: dict[str, float] = {}  # syspath -> time of its first event not judged yet
+        self._binds: set[str] = set()  # syspaths of the pending bind events
+        self._removed: set[str] = set()  # syspaths whose last pending event is a remove
+        self._judge_soon: asyncio.Handle | None = None
+        # loadable devices given time to bind: syspath -> (loop deadline, time of their first event)
+        self.waiting: dict[str, tuple[float, float]] = {}
+        self._wait_timer: asyncio.TimerHandle | None = None
+        self._burst_started = 0.0  # loop time of the first event of the burst the next fix gathers
+        self._fix_window: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
         self.decisions = 0
         self.fixes = 0
@@ -151,7 +160,7 @@ class Daemon:
     def close(self) -> None:
         if self.watch:
             self.watch.close()
-        for timer in (self._timer, self._retry_timer):
+        for timer in (self._judge_soon, self._wait_timer, self._fix_window, self._retry_timer):
             if timer:
                 timer.cancel()
         # The snapshot speaks for a running daemon only; the MOTD would go stale unattended.
@@ -188,29 +197,84 @@ class Daemon:
     # --- events --------------------------------------------------------------------------------
 
     def on_event(self, action: str, syspath: str, properties: dict) -> None:
-        """Gather the event; judge the burst once udev has been quiet for the settle window."""
+        """Gather the event; the devices of every event read in one go are judged right after."""
         device_id = os.path.basename(syspath) if properties.get("SUBSYSTEM") == "pci" else syspath
-        if "MODALIAS" not in properties and device_id not in self.held:
+        if "MODALIAS" not in properties and device_id not in self.held and syspath not in self.waiting:
             return  # class devices (net, block, ...) and the like: they never bind a driver
-        now = time.monotonic()
-        if not self.pending:
-            self._burst_started = now
         self.pending.setdefault(syspath, time.time())
-        deadline = min(now + self.policy.timeouts.settle, self._burst_started + self.policy.timeouts.settle
-                       + MAX_BATCH_EXTRA)
-        if self._timer:
-            self._timer.cancel()
-        self._timer = self.loop.call_at(self.loop.time() + (deadline - now), self._close_burst)
+        if action == "bind":
+            self._binds.add(syspath)
+        if action == "remove":
+            self._removed.add(syspath)  # gone, even while its sysfs directory is being taken down
+        else:
+            self._removed.discard(syspath)
+        if self._judge_soon is None:
+            # after the monitor's drain: a burst read at once is judged at once
+            self._judge_soon = self.loop.call_soon(self._judge_pending)
+        if self.policy.mode == "auto":
+            self._extend_fix_window()
 
-    def _close_burst(self) -> None:
-        self._timer = None
+    def _judge_pending(self) -> None:
+        self._judge_soon = None
         burst, self.pending = self.pending, {}
+        binds, self._binds = self._binds, set()
+        removed, self._removed = self._removed, set()
         if burst:
-            self.decide(burst)
+            self.decide(burst, binds, removed)
+
+    def _extend_fix_window(self) -> None:
+        """The fix of a burst starts once udev has been quiet for the settle window (bounded)."""
+        now = self.loop.time()
+        if self._fix_window is None:
+            self._burst_started = now
+        else:
+            self._fix_window.cancel()
+        settle = self.policy.timeouts.settle
+        self._fix_window = self.loop.call_at(min(now + settle, self._burst_started + settle + MAX_BATCH_EXTRA),
+                                             self._close_fix_window)
+
+    def _close_fix_window(self) -> None:
+        self._fix_window = None
+        if self.pending:  # events read but not judged yet: judge them first
+            self._judge_pending()
+        now = self.loop.time()
+        if any(d <= now for d, _ in self.waiting.values()):
+            self._wait_over()
+        last = max((d for d, _ in self.waiting.values()), default=None)
+        cap = self._burst_started + self.policy.timeouts.settle + MAX_BATCH_EXTRA
+        if last is not None and last < cap:
+            # loadable devices of the burst may still bind, or be announced: the fix waits for them
+            self._fix_window = self.loop.call_at(last, self._close_fix_window)
+            return
+        if self.policy.mode == "auto":
+            self._maybe_fix()
+
+    def _arm_wait(self) -> None:
+        """One timer, for the earliest end of a loadable device's wait."""
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
+        if self.waiting:
+            self._wait_timer = self.loop.call_at(min(d for d, _ in self.waiting.values()), self._wait_over)
+
+    def _wait_over(self) -> None:
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
+        now = self.loop.time()
+        due = {s: t for s, (d, t) in self.waiting.items() if d <= now}
+        if due:
+            self.decide(due)
+        else:
+            self._arm_wait()
 
     def rescan(self) -> None:
         """Events were lost: judge every device again (a coldplug)."""
         self.pending.clear()
+        self._binds.clear()
+        self._removed.clear()
+        self.waiting.clear()
+        self._arm_wait()
         self.decide(None)
 
     # --- deciding ------------------------------------------------------------------------------
@@ -244,8 +308,14 @@ class Daemon:
             index = None
         return index, stat(self.paths.installed_modules / "modules.dep.bin")
 
-    def decide(self, burst: dict[str, float] | None) -> None:
-        """Judge the devices of a burst (None: every device), publish what changed, act on policy."""
+    def decide(self, burst: dict[str, float] | None, binds: set[str] = frozenset(),
+               removed: set[str] = frozenset()) -> None:
+        """Judge the devices of a burst (None: every device), publish what changed, act on policy.
+
+        A device of a burst that an installed module matches (loadable), and that was not
+        loadable already, is held back until its settle window ends or a bind event (`binds`)
+        arrives: udev may be loading that module. Every other verdict is published at once.
+        A device whose last event is a remove (`removed`) is gone."""
         engine = self.current_engine()
         context = udev_context()
         if burst is None:
@@ -258,12 +328,17 @@ class Daemon:
         else:
             devices, gone = [], []
             for syspath in burst:
-                device = self._device_at(context, syspath)
+                device = None if syspath in removed else self._device_at(context, syspath)
                 if device is not None:
                     devices.append(device)
                 else:
                     gone.append(os.path.basename(syspath) if os.path.basename(syspath) in self.held else syspath)
         judged = engine.judge(devices)
+        if self.waiting:
+            present = {d.syspath for d in devices}
+            for syspath in [s for s in self.waiting if s not in present and (burst is None or s in burst)]:
+                del self.waiting[syspath]  # gone while it waited
+        judged = self._hold_back_loadable(judged, burst, binds)
         actions = {a.id: a.action for a in engine.plan(judged, boot_critical=False).devices}
         self.decisions += 1
         now = time.time()
@@ -300,6 +375,30 @@ class Daemon:
         if self.policy.mode == "auto":
             self._maybe_fix()
 
+    def _hold_back_loadable(self, judged: Judged, burst: dict[str, float] | None, binds: set[str]) -> Judged:
+        """The devices to publish now. A device of a burst that just became loadable waits
+        (self.waiting) until its settle window ends or its bind event arrives, unannounced; a
+        full scan (burst None) starts no wait but keeps the running ones."""
+        now = self.loop.time()
+        out = []
+        for device, verdict in judged:
+            syspath = device.syspath
+            waiting = self.waiting.get(syspath)
+            if verdict.verdict == "loadable" and syspath not in binds:
+                before = self.held.get(device.id)
+                if waiting is None and burst is not None and (before is None or before.verdict.verdict != "loadable"):
+                    self.waiting[syspath] = (now + self.policy.timeouts.settle, burst[syspath])
+                    continue
+                if waiting is not None and waiting[0] > now:
+                    continue
+            if waiting is not None:
+                del self.waiting[syspath]
+                if burst is not None:
+                    burst[syspath] = waiting[1]  # the event log tells when its first event came
+            out.append((device, verdict))
+        self._arm_wait()
+        return out
+
     @staticmethod
     def _device_at(context: pyudev.Context, syspath: str) -> Device | None:
         try:
@@ -332,6 +431,8 @@ class Daemon:
     def _maybe_fix(self) -> None:
         if self._fix_task is not None:
             return  # the running fix judges every device again when it ends
+        if self._fix_window is not None:
+            return  # a burst is still arriving: its window's close fixes it as one
         wanted = self._auto_candidates()
         if wanted:
             self._fix_task = self.loop.create_task(self._fixing(self._auto_fix(wanted)))

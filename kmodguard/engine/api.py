@@ -7,7 +7,7 @@ No transport code: nothing here prints, parses options or touches a bus.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .. import config as config_mod
 from ..devices import Device
@@ -15,7 +15,9 @@ from ..errors import InvalidInput, KmodguardError
 from ..paths import Paths
 from . import environment
 from .diagnosis import NEEDS_ACTION, Diagnoser, Verdict, check_modalias
-from .plan import Plan
+
+if TYPE_CHECKING:  # annotations only: status and explain never plan (the module is 1 ms of their start)
+    from .plan import Plan
 
 Judged = list[tuple[Device, Verdict]]
 

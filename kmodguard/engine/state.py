@@ -25,7 +25,6 @@ import fcntl
 import json
 import os
 import logging
-import secrets
 import stat
 import time
 from pathlib import Path
@@ -171,6 +170,8 @@ LAST_FIX_FILE = "last-fix.json"
 def write_request(state_dir: Path, kernel: str, devices: list[str], requested_by: str,
                   overrides: dict | None = None) -> dict:
     """Record a fix the daemon wants run (by the oneshot unit or a child process); returns it."""
+    import secrets  # here, not at the top: status and explain never make a request (hmac, OpenSSL: ms)
+
     request = {"id": secrets.token_hex(8), "kernel": kernel, "devices": list(devices), "requested_by": requested_by,
                "overrides": dict(overrides or {}), "created": time.time()}
     make_dir(state_dir)

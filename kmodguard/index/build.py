@@ -155,6 +155,8 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=c_locale())  # runs beside _read_modinfo
     try:
         records = _read_modinfo(stage_mdir, modules, mdir, progress, source)
+        # compressed while depmod may still run: off the critical path
+        packed = lzma.compress(json.dumps(records, separators=(",", ":"), sort_keys=True).encode(), preset=1)
     finally:
         try:
             _, err = depmod.communicate(timeout=600)
@@ -182,8 +184,7 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
                                hint=f"{_where(source, f)} is refused")
             (out / store.MODPROBE_DIR / f.name).write_bytes(data)
         blacklist = sorted(Context(stage_mdir, [str(out / store.MODPROBE_DIR)]).blacklist())
-    (out / store.MODULES_FILE).write_bytes(
-        lzma.compress(json.dumps(records, separators=(",", ":"), sort_keys=True).encode(), preset=1))
+    (out / store.MODULES_FILE).write_bytes(packed)
     meta = {
         "format": store.FORMAT,
         "version": store.VERSION,
@@ -199,14 +200,17 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
 
 
 def _read_modinfo(stage_mdir: Path, modules: list[str], mdir: Path, progress, source=None) -> dict:
-    """Every module's modinfo, read by libkmod while depmod runs on the other core. (Two reader
-    threads with a context each were measured too: no faster, the loop holds the GIL.)"""
+    """Every module's modinfo while depmod runs on the other core: from the ELF section directly
+    (modinfo.py), else (compressed, unusual) by libkmod. (Two reader threads with a libkmod
+    context each were measured too: no faster, the loop holds the GIL.)"""
+    from . import modinfo
+
     ctx = Context(stage_mdir, [])
     records = {}
     prefix = len(str(mdir).rstrip("/")) + 1  # plain string slicing: pathlib's relative_to is slow here
     for i, path in enumerate(modules, 1):
         try:
-            info = ctx.module_info(path)
+            info = modinfo.read(path) or ctx.module_info(path)
         except KmodguardError as exc:
             raise InvalidInput(f"{_where(source, path)} is not a readable kernel module: "
                                f"{str(exc).replace(path, 'it')}") from None

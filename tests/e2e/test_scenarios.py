@@ -56,7 +56,7 @@ TESTS = {
     "test_pci_testdev_has_no_driver_anywhere": "testdev",
     "test_offer_mode_names_the_package_in_status_motd_and_on_the_bus_and_installs_nothing": "offer",
     "test_device_claimed_for_passthrough_is_left_alone": "passthrough",
-    "test_four_devices_hotplugged_back_to_back_make_one_decision_and_one_transaction": "four",
+    "test_four_devices_hotplugged_back_to_back_make_one_fix_and_one_transaction": "four",
     "test_full_kernel_modules_package": "full",
 }
 
@@ -164,12 +164,16 @@ def assert_nothing_installed(run: harness.Run) -> None:
 
 
 def assert_verdict_timing(run: harness.Run, d: dict) -> None:
-    """The daemon judges a burst once udev has been quiet for timeouts.settle seconds: not before,
-    and not much later; the host saw the same from QMP's device_add (its clock lined up with the
-    guest's through the serial marks)."""
+    """A device no installed module matches (missing, unknown) is announced as soon as it is
+    judged: before timeouts.settle has passed. One an installed module matches waits for udev to
+    load it, at most the settle window (its bind ends the wait), and is judged soon after. The host
+    saw the same from QMP's device_add (its clock lined up with the guest's through the serial marks)."""
     settle = daemon(run)["settle"]
     t = d["timings"]
-    assert settle <= t["event_to_verdict_s"] < settle + 8, (t, where(run))
+    if d["verdict"] in ("missing", "unknown"):
+        assert 0 <= t["event_to_verdict_s"] < settle, (t, where(run))
+    else:
+        assert 0 <= t["event_to_verdict_s"] < settle + 8, (t, where(run))
     assert 0 <= t["device_add_to_event_s"] < 5, (t, where(run))
     assert t["event_to_verdict_s"] <= t["device_add_to_verdict_s"] < t["event_to_verdict_s"] + 5, (t, where(run))
 
@@ -313,7 +317,7 @@ def test_device_claimed_for_passthrough_is_left_alone(scenario):
     assert signals(run, "DeviceNeedsDriver") == [], where(run)
 
 
-def test_four_devices_hotplugged_back_to_back_make_one_decision_and_one_transaction(scenario, scenarios):
+def test_four_devices_hotplugged_back_to_back_make_one_fix_and_one_transaction(scenario, scenarios):
     run = scenario("four")
     expected = {"intel-hda": "snd_hda_intel", "megasas": "megaraid_sas", "tulip": "tulip", "ES1370": "snd_ens1370"}
     addresses = []
@@ -324,12 +328,11 @@ def test_four_devices_hotplugged_back_to_back_make_one_decision_and_one_transact
         assert d["installed"] == ["kernel-modules"], (qemu, where(run))
         addresses.append(d["address"])
     # the QMP hot-plugs were back to back: udev's events reached the daemon within one settle window
-    # of each other, and the daemon judged them in ONE decision
+    # of each other (each was announced when judged, the fix waited for udev to be quiet)
     settle = daemon(run)["settle"]
     arrived = sorted(d["verdict_event"]["uevent_t"] for d in run.result["devices"])
     gaps = [b - a for a, b in itertools.pairwise(arrived)]
     assert max(gaps) < settle, (gaps, settle, where(run))
-    assert len({device(run, q)["decision"] for q in expected}) == 1, where(run)
     # ONE fix by the daemon for all four, ONE dnf transaction naming all four
     assert_one_auto_fix(run, addresses)
     assert_installed_kernel_modules(run, scenarios.build.manifest, trimmed(scenarios))

@@ -1,0 +1,80 @@
+"""A module's modinfo straight from its ELF .modinfo section, for the index build.
+
+libkmod's kmod_module_get_info reads the same strings, but maps the whole file and verifies the
+module's signature on the way (OpenSSL: most of its time, and kmodguard has no use for it): on
+Debian's 2,002 kernel-modules modules that was the long pole of `index build`, not depmod.
+Reading the section headers and the one section with pread is about 6 times faster.
+
+Only uncompressed ELF modules are read here, and only when every offset lies inside the file;
+anything else (.ko.xz, .ko.zst, a damaged file) returns None and goes to libkmod as before, which
+also words the error. The strings are split as libkmod splits them (empty ones skipped, "key"
+without '=' has the value ""), and the name is libkmod's, from the path.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from ..kmod import ModuleInfo
+
+_KEYS = (b"alias", b"firmware", b"depends")
+# ELF class -> (offset of e_shoff, its format, offset of e_shentsize/e_shnum/e_shstrndx,
+#               section header size, section header format: name, type, flags, addr, offset, size)
+_LAYOUT = {1: (0x20, "I", 0x2E, 40, "IIIIII"), 2: (0x28, "Q", 0x3A, 64, "IIQQQQ")}
+
+
+def modname(path: str) -> str:
+    """libkmod's path_to_modname: the file name up to its first '.', '-' as '_'."""
+    return os.path.basename(path).split(".", 1)[0].replace("-", "_")
+
+
+def read(path: str) -> ModuleInfo | None:
+    """The module's alias, firmware and depends entries, or None to leave the file to libkmod."""
+    if not path.endswith(".ko"):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        raw, size = _modinfo_section(fd)
+    except (OSError, ValueError, struct.error, IndexError):
+        return None
+    finally:
+        os.close(fd)
+    if raw is None:
+        return None
+    values: dict[bytes, list[str]] = {k: [] for k in _KEYS}
+    for entry in raw.split(b"\0"):
+        key, _, value = entry.partition(b"=")
+        if key in values:
+            values[key].append(value.decode("utf-8", "surrogateescape"))
+    depends = tuple(d.replace("-", "_") for v in values[b"depends"] for d in v.split(",") if d)
+    return ModuleInfo(name=modname(path), path=path, size=size, aliases=tuple(values[b"alias"]),
+                      firmware=tuple(values[b"firmware"]), depends=depends)
+
+
+def _modinfo_section(fd: int) -> tuple[bytes | None, int]:
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, 64, 0)
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] not in _LAYOUT or head[5] not in (1, 2):
+        return None, size
+    order = "<" if head[5] == 1 else ">"
+    off_shoff, shoff_fmt, off_sh, entsize, sh_fmt = _LAYOUT[head[4]]
+    (shoff,) = struct.unpack_from(order + shoff_fmt, head, off_shoff)
+    shentsize, shnum, shstrndx = struct.unpack_from(order + "HHH", head, off_sh)
+    if shentsize != entsize or not 0 < shnum or not shstrndx < shnum or shoff + shnum * entsize > size:
+        return None, size
+    table = os.pread(fd, shnum * entsize, shoff)
+    sections = [struct.unpack_from(order + sh_fmt, table, i * entsize) for i in range(shnum)]
+    if any(s[1] != 8 and s[4] + s[5] > size for s in sections):  # SHT_NOBITS (8) has no bytes in the file
+        return None, size
+    _, _, _, _, names_off, names_size = sections[shstrndx]
+    names = os.pread(fd, names_size, names_off)
+    found = [s for s in sections if names[s[0]:s[0] + 9] == b".modinfo\0"]
+    if len(found) != 1 or found[0][1] == 8:
+        return None, size  # none, or several: libkmod decides
+    _, _, _, _, offset, length = found[0]
+    data = os.pread(fd, length, offset)
+    return (data if len(data) == length else None), size
