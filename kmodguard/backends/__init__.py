@@ -43,6 +43,10 @@ class Backend(Protocol):
         a request is in no repository, Busy when the package lock stayed held past lock_wait,
         KmodguardError on any other failure (message says what to do)."""
 
+    def refresh(self, timeout: float | None = None) -> None:
+        """Fetch fresh repository metadata, once, before a request is called unavailable. Raises
+        SignatureRefused when a repository's signature is refused, KmodguardError when unreachable."""
+
     # For `kmodguard index fetch` (dnf, dnf5 and apt have them):
 
     def provides(self, request: str) -> list[str]:
@@ -75,9 +79,9 @@ def choose(name: str, package_manager: str | None, root=None, timeout: float = 9
     if name == "apt":
         from .apt import AptBackend
 
-        return AptBackend(root)
+        return AptBackend(root, timeout=timeout)
     if name == "zypper":
         from .zypper import ZypperBackend
 
-        return ZypperBackend(root)
+        return ZypperBackend(root, timeout=timeout)
     raise KmodguardError(f"unknown package backend {name!r}")

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..errors import Busy, KmodguardError, PackageUnavailable
+from ..errors import Busy, KmodguardError, PackageUnavailable, SignatureRefused
 from . import InstallResult, Offer, Progress
 from ._run import last_line as _last_line
 from ._run import run
@@ -133,12 +133,24 @@ class DnfBackend:
             if missing:
                 raise PackageUnavailable(f"no repository has {', '.join(missing)}",
                                          hint=UNAVAILABLE_HINT)
+            if any(m in output for m in SIGNATURE_REFUSED):
+                raise SignatureRefused(f"{self.name} install failed: it refused the signature of a package for "
+                                       f"{', '.join(requests)}: {_last_line(res)}",
+                                       hint="kmodguard never turns signature checks off: import the repository's "
+                                            "key (gpgkey=) or fix the repository, then run again")
             if "Waiting for process with pid" in output:
                 raise Busy(f"{self.name} waited for another package manager and gave up")
             raise KmodguardError(f"{self.name} install failed (exit {res.returncode}): {_last_line(res)}",
                                  hint="the full output is in the journal (kmodguard -v shows it)")
         return InstallResult(tuple(requests), output)
 
+
+    def refresh(self, timeout: float | None = None) -> None:
+        """Metadata marked expired and fetched again (dnf 4 and dnf5 both take makecache --refresh)."""
+        res = self._run(self._base() + ["makecache", "--refresh"], timeout or self.timeout)
+        if res.returncode != 0:
+            raise KmodguardError(f"{self.name} makecache --refresh failed: {_last_line(res)}",
+                                 hint="check the repositories ('dnf repolist') and the network, then run again")
 
     def provides(self, request: str, timeout: float | None = None) -> list[str]:
         res = self._run(self.repoquery_argv(request, "--latest-limit", "1", "--provides"), timeout or self.timeout)
@@ -160,6 +172,10 @@ class DnfBackend:
             raise KmodguardError(f"{self.name} download failed: {_last_line(res)}")
         return sorted(destdir.glob("*.rpm"))
 
+
+# what dnf 4 and dnf5 print when a package's signature is refused
+SIGNATURE_REFUSED = ("GPG check FAILED", "is not signed", "Public key for",
+                     "Signature verification failed", "OpenPGP check for package")
 
 UNAVAILABLE_HINT = ("the package for the running kernel has left the repositories (this happens after newer "
                     "kernels are published); either install it from a local package file "
