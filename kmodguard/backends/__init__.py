@@ -56,7 +56,8 @@ class Backend(Protocol):
         """Download (never install) the packages into destdir; returns the package files."""
 
 
-def choose(name: str, package_manager: str | None, root=None, timeout: float = 900.0) -> Backend:
+def choose(name: str, package_manager: str | None, root=None, timeout: float = 900.0,
+           lock_wait: float = 300.0) -> Backend:
     """The backend by policy name ("auto": the distribution's own package manager)."""
     from pathlib import Path
 
@@ -83,5 +84,5 @@ def choose(name: str, package_manager: str | None, root=None, timeout: float = 9
     if name == "zypper":
         from .zypper import ZypperBackend
 
-        return ZypperBackend(root, timeout=timeout)
+        return ZypperBackend(root, timeout=timeout, lock_wait=lock_wait)
     raise KmodguardError(f"unknown package backend {name!r}")
