@@ -90,8 +90,47 @@ def write_repo(root: Path, baseurl: str, key: rpmbuild.TestKey) -> None:
                                 f"gpgkey=file://{key.public}\n")
 
 
+def zypper_bin() -> Path:
+    """The directory holding Debian's real zypper binary. Debian 12's zypper cannot be installed
+    beside dnf-plugins-core (which Breaks it over one manual page), and dnf download needs that;
+    so tools/packages installs zypper's libraries (libzypp, zypper-common) and the tests take the
+    zypper binary from its own package: `apt-get download zypper`, extracted into the test cache."""
+    import fcntl
+
+    import realtree
+
+    if shutil.which("zypper"):
+        return Path(shutil.which("zypper")).parent
+    cache = realtree.cache_dir() / "zypper"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = sorted(cache.glob("zypper_*/usr/bin/zypper"))
+        if done:
+            return done[-1].parent
+        tmp = cache / ".download"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        res = subprocess.run(["apt-get", "download", "zypper"], cwd=tmp, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "LC_ALL": "C"})
+        debs = list(tmp.glob("zypper_*.deb"))
+        assert res.returncode == 0 and len(debs) == 1, (
+            f"apt-get download zypper failed ({res.returncode}): {res.stderr.strip()[-400:]}; run 'apt-get update' "
+            f"or point KMODGUARD_TEST_CACHE at a cache that holds zypper")
+        dest = cache / debs[0].stem
+        _run(["dpkg-deb", "-x", str(debs[0]), str(tmp / "x")])
+        os.rename(tmp / "x", dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return dest / "usr/bin"
+
+
+def path_env() -> dict:
+    """PATH with the real zypper on it (for kmodguard and the helpers here)."""
+    return {"PATH": f"{zypper_bin()}:{os.environ['PATH']}"}
+
+
 def zypper(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = ["zypper", "--non-interactive", "--root", str(root), *args]
+    cmd = [str(zypper_bin() / "zypper"), "--non-interactive", "--root", str(root), *args]
     return _run(cmd) if check else subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                                                   env={**os.environ, "LC_ALL": "C"})
 
@@ -112,7 +151,7 @@ def make_base_root(root: Path, repo: Path, key: rpmbuild.TestKey) -> Path:
 
 
 def root_env(root: Path, tmp: Path) -> dict:
-    return {"KMODGUARD_ROOT": str(root), "KMODGUARD_MODULES_DIR": str(root / "lib/modules" / KVER),
+    return {**path_env(), "KMODGUARD_ROOT": str(root), "KMODGUARD_MODULES_DIR": str(root / "lib/modules" / KVER),
             "KMODGUARD_MODPROBE_DIRS": str(root / "etc/modprobe.d"), "KMODGUARD_BOOT_DIR": str(root / "boot"),
             "KMODGUARD_DRACUT_CONF_DIR": str(root / "etc/dracut.conf.d"),
             "KMODGUARD_KMSG": str(tmp / "no-kmsg"), "KMODGUARD_CONTAINER": "none"}
