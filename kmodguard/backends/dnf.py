@@ -24,10 +24,11 @@ from .. import requests as req
 
 log = logging.getLogger(__name__)
 
-# repoquery tags differ between the generations
+# repoquery tags: dnf 4 and dnf5 both name them downloadsize and installsize (dnf5-repoquery(8),
+# "--queryformat"); every option is written --NAME=VALUE, the form dnf5's manual documents
 QUERYFORMAT = {
     "dnf": "%{name}-%{evr}.%{arch}\t%{downloadsize}\t%{installsize}\n",
-    "dnf5": "%{name}-%{evr}.%{arch}\t%{download_size}\t%{install_size}\n",
+    "dnf5": "%{name}-%{evr}.%{arch}\t%{downloadsize}\t%{installsize}\n",
 }
 
 
@@ -46,7 +47,7 @@ class DnfBackend:
     def _base(self) -> list[str]:
         args = [self.command]
         if self.root != Path("/"):
-            args += ["--installroot", str(self.root)]
+            args += [f"--installroot={self.root}"]
         return args + list(self.extra_args)
 
     def _run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -58,7 +59,7 @@ class DnfBackend:
         return [] if self.name == "dnf5" else ["--"]
 
     def install_argv(self, requests: list[str], comment: str) -> list[str]:
-        return self._base() + ["-y", "--comment", comment, "install", *self._end_of_options(),
+        return self._base() + ["-y", f"--comment={comment}", "install", *self._end_of_options(),
                                *req.checked(requests, (req.UNAME_R, req.NAME_VERSION), self.name)]
 
     def repoquery_argv(self, request: str, *opts: str) -> list[str]:
@@ -66,7 +67,7 @@ class DnfBackend:
         return self._base() + ["repoquery", *opts, f"--whatprovides={request}"]
 
     def download_argv(self, requests: list[str], destdir) -> list[str]:
-        return self._base() + ["download", "--destdir", str(destdir), *self._end_of_options(),
+        return self._base() + ["download", f"--destdir={destdir}", *self._end_of_options(),
                                *req.checked(requests, (req.UNAME_R, req.NAME_VERSION), self.name)]
 
     # --- the protocol ------------------------------------------------------------------------
@@ -78,7 +79,7 @@ class DnfBackend:
         timeout = timeout or self.timeout
         offers = []
         for request in requests:
-            res = self._run(self.repoquery_argv(request, "--qf", QUERYFORMAT[self.name]), timeout)
+            res = self._run(self.repoquery_argv(request, f"--queryformat={QUERYFORMAT[self.name]}"), timeout)
             if res.returncode != 0:
                 raise KmodguardError(f"{self.name} repoquery failed for {request!r}: {_last_line(res)}",
                                      hint="check the repositories ('dnf repolist') and the network, then run again")
@@ -153,7 +154,7 @@ class DnfBackend:
                                  hint="check the repositories ('dnf repolist') and the network, then run again")
 
     def provides(self, request: str, timeout: float | None = None) -> list[str]:
-        res = self._run(self.repoquery_argv(request, "--latest-limit", "1", "--provides"), timeout or self.timeout)
+        res = self._run(self.repoquery_argv(request, "--latest-limit=1", "--provides"), timeout or self.timeout)
         if res.returncode != 0:
             raise KmodguardError(f"{self.name} repoquery --provides failed for {request!r}: {_last_line(res)}")
         return [line.strip() for line in res.stdout.splitlines() if line.strip()]

@@ -69,8 +69,8 @@ def fetch(engine, kver: str, progress: Callable[[str], None], *, download: bool 
     paths = engine.paths
     backend = engine.backend(backend)
     if not callable(getattr(backend, "download", None)):
-        raise KmodguardError(f"'kmodguard index fetch' cannot use {backend.name}: it has no way to download a "
-                             f"package without installing it",
+        raise KmodguardError(f"'kmodguard index fetch' cannot use {backend.name}: kmodguard downloads packages "
+                             f"without installing them only with dnf, dnf5 and apt",
                              hint="use dnf, dnf5 or apt (--backend), or index the packages where they are at hand: "
                                   "'kmodguard index build --from-rpm FILE...' or '--from-dir'")
     wanted = _requests(engine.policy, backend.name, kver)
