@@ -1,4 +1,4 @@
-"""One harness per package manager for the backend contract (test_backend_contract.py): a fresh
+"""One harness per package manager for the backend contract (backend_contract.py): a fresh
 root with the package manager's real database, a per-test signed repository holding the target
 package, and the few things the contract does to them. Everything a test asserts is read from the
 system (rpm database, dpkg status), never from what kmodguard says.

@@ -1,9 +1,12 @@
 """The contract every package backend passes, run for real against each package manager's own
-database and a local signed repository (backend_harness.py): install, already installed, stale
-metadata refreshed once, not available, lock held, timeout, signature refused.
+database and a local signed repository: install, already installed, stale metadata refreshed
+once, not available, lock held, timeout, signature refused.
 
-What is asserted is read from the system (the root's rpm database or dpkg status), plus the exit
-code and error name the Contract promises. This kernel cannot load modules: an install ends in 6.
+Each backend's test file (test_contract_dnf.py, test_contract_apt.py, test_contract_zypper.py)
+imports these tests and provides the `machine` fixture from its harness (backend_harness.py); a
+new backend is added with a harness and a file of three lines. What is asserted is read from the
+system (the root's rpm database or dpkg status), plus the exit code and error name the Contract
+promises. This kernel cannot load modules: an install ends in 6.
 """
 
 from __future__ import annotations
@@ -11,49 +14,10 @@ from __future__ import annotations
 import socket
 import threading
 
-import pytest
-
-import aptroot
-import rpmbuild
-import zypperroot
-from backend_harness import AptHarness, DnfHarness, ZypperHarness
-
-BACKENDS = ("dnf", "apt", "zypper")
-
-
-@pytest.fixture(scope="session")
-def apt_harness(tmp_path_factory):
-    base = tmp_path_factory.mktemp("contract-apt")
-    debs = aptroot.make_debs(base)
-    key = rpmbuild.make_test_key(base / "gnupg")
-    other = rpmbuild.make_test_key(base / "gnupg-other", uid="an untrusted key <untrusted@example.invalid>")
-    yield AptHarness(debs, key, other, aptroot.make_base_root(base / "root", debs))
-    rpmbuild.stop_agent(key)
-    rpmbuild.stop_agent(other)
-
-
-@pytest.fixture(scope="session")
-def dnf_harness(repo, base_root, rpm_base):
-    return DnfHarness(repo, base_root, rpmbuild.kernel_rpms(rpm_base, rpmbuild.KVER, scripts=rpmbuild.LOGGED,
-                                                            signed=False))
-
-
-@pytest.fixture(scope="session")
-def zypper_harness(tmp_path_factory):
-    base = tmp_path_factory.mktemp("contract-zypper")
-    key = rpmbuild.make_test_key(base / "gnupg")
-    other = rpmbuild.make_test_key(base / "gnupg-other", uid="an untrusted key <untrusted@example.invalid>")
-    packages = zypperroot.build_packages(base / "rpms", key)
-    zypperroot.publish(base / "repo", [packages.base, packages.default, packages.extra], key)
-    yield ZypperHarness(packages, key, other, zypperroot.make_base_root(base / "root", base / "repo", key))
-    rpmbuild.stop_agent(key)
-    rpmbuild.stop_agent(other)
-
-
-@pytest.fixture(params=BACKENDS)
-def machine(request, tmp_path, kmodguard):
-    harness = request.getfixturevalue(f"{request.param}_harness")
-    return harness.machine(tmp_path, kmodguard)
+__all__ = ["test_install", "test_already_installed_is_no_second_transaction", "test_stale_metadata_is_refreshed_once",
+           "test_not_available_after_a_refresh_is_exit_5_naming_the_package", "test_held_lock_waits_then_is_busy",
+           "test_hanging_repository_is_stopped_at_the_timeout",
+           "test_refused_signature_is_signature_refused_not_unavailable"]
 
 
 def test_install(machine):
