@@ -56,6 +56,8 @@ def fix(kmg, *args):
 def test_fix_installs_into_the_root_with_its_empty_lists_refreshed(machine):
     kmg, root = machine
     assert not list((root / "var/lib/apt/lists").glob("*Packages"))  # a cloud image's empty lists
+    # the root's own apt.conf.d is what apt reads (RootDir= would read this machine's)
+    (root / "etc/apt/apt.conf.d/99kmg-test").write_text('Dir::Log::Terminal "kmg-term.log";\n')
     plan = kmg("fix", "--dry-run", "--backend", "apt", "--json", "--kver", KVER, check_code=3).json
     assert [p["request"] for p in plan["install"]] == [EXTRA]
     res = fix(kmg)
@@ -68,6 +70,7 @@ def test_fix_installs_into_the_root_with_its_empty_lists_refreshed(machine):
     assert (root / "lib/modules" / KVER / "kernel/drivers/gpu/drm/kmg/kmg_gpu.ko").is_file()
     assert "kmg_gpu.ko" in (root / "lib/modules" / KVER / "modules.dep").read_text()
     assert list((root / "var/lib/apt/lists").glob("*Packages"))  # kmodguard ran apt-get update in the root
+    assert "Log started" in (root / "var/log/apt/kmg-term.log").read_text()  # the root's apt.conf.d was read
     # the device judged again: its driver is installed now
     status = kmg("status", "--json", "--kver", KVER).json
     assert [d["verdict"] for d in status["devices"]] == ["loadable"]
@@ -89,3 +92,12 @@ def test_index_fetch_downloads_with_apt_and_indexes_the_package(machine, tmp_pat
     explained = kmg("explain", "--kver", KVER, "--json", GPU).json
     assert explained["results"][0]["verdict"] == "missing"
     assert explained["results"][0]["candidates"][0]["package"] == EXTRA
+
+
+@pytest.mark.parametrize("bad", ['/srv/a"b', "/srv/a;b", "relative/root", "/srv/a\nb"])
+def test_a_root_apt_cannot_be_told_about_is_refused_not_quoted(bad):
+    from kmodguard.backends.apt import AptBackend
+    from kmodguard.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="cannot be handed to apt"):
+        AptBackend(Path(bad)).query([EXTRA])

@@ -39,6 +39,12 @@ UNAVAILABLE_HINT = ("kmodguard refreshed the package lists ('apt-get update') an
                     "kmodguard again")
 
 
+def _error_line(res) -> str:
+    """apt's own error ("E: ..."), which its progress lines follow; else the last line."""
+    errors = [line for line in (res.stderr + res.stdout).splitlines() if line.startswith("E: ")]
+    return errors[-1] if errors else last_line(res)
+
+
 def _name(request: str) -> str:
     """A NAME-KVER request (linux-modules-extra-KVER), parsed again; apt-get takes no other form."""
     return req.checked([request], (req.NAME_KVER,), "apt-get")[0]
@@ -106,7 +112,7 @@ class AptBackend:
         failed = sorted(set(_FETCH_FAILED.findall(output)))
         if res.returncode != 0 or failed:
             raise KmodguardError(f"apt-get update could not refresh the package lists"
-                                 f"{' (' + ', '.join(failed) + ')' if failed else ''}: {last_line(res)}",
+                                 f"{' (' + ', '.join(failed) + ')' if failed else ''}: {_error_line(res)}",
                                  hint="check the sources ('apt-cache policy') and the network, then run again")
 
     def query(self, requests: list[str], timeout: float | None = None) -> list[Offer]:
@@ -140,7 +146,7 @@ class AptBackend:
                 raise SignatureRefused(f"apt-get refused {', '.join(names)}: {last_line(res)}",
                                        hint="kmodguard never installs unauthenticated packages; fix the "
                                             "repository's key (signed-by=) and run again")
-            raise KmodguardError(f"apt-get install failed (exit {res.returncode}): {last_line(res)}",
+            raise KmodguardError(f"apt-get install failed (exit {res.returncode}): {_error_line(res)}",
                                  hint="the full output is in the journal (kmodguard -v shows it)")
         return InstallResult(tuple(requests), output)
 
@@ -154,5 +160,5 @@ class AptBackend:
         if res.returncode != 0:
             if "Unable to locate package" in res.stdout + res.stderr:
                 raise PackageUnavailable(f"no repository has {', '.join(requests)}", hint=UNAVAILABLE_HINT)
-            raise KmodguardError(f"apt-get download failed: {last_line(res)}")
+            raise KmodguardError(f"apt-get download failed: {_error_line(res)}")
         return sorted(destdir.glob("*.deb"))
