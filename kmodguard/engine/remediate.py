@@ -72,7 +72,7 @@ def query_fresh(backend: Backend, requests: list[str], progress: Progress) -> li
     """The backend's offers; when one is missing, the metadata refreshed once (a cloud image's
     lists are often empty or stale) and asked again: "not available" is said only after that."""
     offers = backend.query(requests)
-    refresh = getattr(backend, "refresh", None)  # a backend without one always asks fresh metadata
+    refresh = getattr(backend, "refresh", None)  # PackageKit has none here: its daemon keeps its own cache
     if refresh is not None and not all(o.available for o in offers):
         progress(f"{backend.name}: refreshing the repository metadata")
         refresh()
