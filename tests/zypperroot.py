@@ -48,6 +48,7 @@ class SusePackages:
     extra: Path  # kernel-default-extra: an add-on to kernel-default
     unsigned_default: Path  # kernel-default as a repository must not be trusted with
     default_payload: Path  # kernel-default's files, for `kmodguard index build --from-dir`
+    conflicting_default: Path  # kernel-default that conflicts with -base without replacing it
 
 
 def build_packages(out: Path, key: rpmbuild.TestKey) -> SusePackages:
@@ -66,7 +67,10 @@ def build_packages(out: Path, key: rpmbuild.TestKey) -> SusePackages:
     extra_rpm = rpmbuild.build_rpm(out / "signed", "kernel-default-extra", VERSION, RELEASE, files=extra,
                                    requires=(f"kernel-default = {EVR}",), sign=key, **common)
     unsigned = rpmbuild.build_rpm(out / "unsigned", "kernel-default", VERSION, RELEASE, **default_args)
-    return SusePackages(base, default, extra_rpm, unsigned, work / "default/tree")
+    # the same package had it only conflicted with -base, without replacing it
+    conflicting = rpmbuild.build_rpm(out / "conflicting", "kernel-default", VERSION, RELEASE, sign=key,
+                                     **{**default_args, "obsoletes": (), "provides": (f"kernel-base = {EVR}",)})
+    return SusePackages(base, default, extra_rpm, unsigned, work / "default/tree", conflicting)
 
 
 def publish(repo: Path, rpms: list[Path], key: rpmbuild.TestKey) -> None:

@@ -143,6 +143,12 @@ class ZypperBackend:
                                    f"{', '.join(requests)}: {_signature_line(output)}",
                                    hint="kmodguard never turns signature checks off: import the repository's "
                                         "key or fix the repository, then run again")
+        problem = next((line.strip() for line in output.splitlines() if line.startswith("Problem:")), None)
+        if res.returncode != 0 and problem:
+            # the solver wants a decision (e.g. remove kernel-default-base): kmodguard never takes it for root
+            raise KmodguardError(f"zypper cannot install {', '.join(requests)} without a decision: {problem}",
+                                 hint=f"run 'zypper install {' '.join(repr(r) for r in requests)}' yourself and "
+                                      f"choose a solution, then run kmodguard again")
         if res.returncode != 0:
             raise KmodguardError(f"zypper install failed (exit {res.returncode}): {last_line(res)}",
                                  hint="the full output is in the journal (kmodguard -v shows it)")
