@@ -101,3 +101,22 @@ def test_a_root_apt_cannot_be_told_about_is_refused_not_quoted(bad):
 
     with pytest.raises(InvalidInput, match="cannot be handed to apt"):
         AptBackend(Path(bad)).query([EXTRA])
+
+
+def test_a_refused_signature_with_old_lists_kept_is_signature_refused(machine, apt_world, tmp_path):
+    """apt keeps the lists it trusted before and only warns: the package missing from them is not
+    "unavailable" but unknown, because the repository's new Release was refused."""
+    kmg, root = machine
+    debs, repo, _, _ = apt_world
+    mine = aptroot.make_repo(tmp_path / "repo", repo.key).publish([debs.modules])
+    aptroot.write_sources(root, mine)
+    aptroot.apt_get(root, "-q", "update")  # trusted lists without the package
+    other = rpmbuild.make_test_key(tmp_path / "gnupg-other", uid="untrusted <untrusted@example.invalid>")
+    try:
+        mine.publish([debs.modules, debs.extra], sign_with=other)
+        res = fix(kmg)
+    finally:
+        rpmbuild.stop_agent(other)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.json["error"]["name"] == "SignatureRefused" and mine.uri in res.json["error"]["message"]
+    assert aptroot.dpkg_status(root, EXTRA) == "unknown"

@@ -27,7 +27,9 @@ from ._run import last_line, run
 from .. import requests as req
 
 # what apt-get update prints for a Release file whose signature it refused
-_SIGNATURE_REFUSED = re.compile(r"^(?:W: GPG error: (\S+ \S+)|E: The repository '([^']*)' is not signed\.)",
+# (with lists from before, apt keeps them and only warns: "W: An error occurred during the signature
+# verification. The repository is not updated and the previous index files will be used. GPG error: ...")
+_SIGNATURE_REFUSED = re.compile(r"(?:GPG error: (\S+ \S+)|^E: The repository '([^']*)' is not signed\.)",
                                 re.MULTILINE)
 _FETCH_FAILED = re.compile(r"^(?:E|W): Failed to fetch (\S+)", re.MULTILINE)
 
