@@ -64,6 +64,12 @@ class Busy(KmodguardError):
     name = "Busy"
 
 
+class SignatureRefused(KmodguardError):
+    """The package manager refused a repository's or a package's signature: not "not available"."""
+
+    name = "SignatureRefused"
+
+
 class IndexCorrupt(KmodguardError):
     """An index file is missing, corrupt, foreign or of another format version."""
 

@@ -380,6 +380,7 @@ def build_kernel_rpms(outdir: Path, kver: str, payloads: dict[str, Path | None],
 def build_rpm(outdir: Path, name: str, version: str = "1.0", release: str = "1", *,
               provides: tuple[str, ...] = (), requires: tuple[str, ...] = (),
               supplements: tuple[str, ...] = (),
+              conflicts: tuple[str, ...] = (), obsoletes: tuple[str, ...] = (),
               files: dict[str, bytes] | None = None, arch: str = "noarch",
               payload_compression: str = ZSTD, mode: int = 0o644, sign: TestKey | None = None) -> Path:
     """A plain package (no *-uname-r provide unless given): files maps absolute paths to contents
@@ -397,6 +398,7 @@ def build_rpm(outdir: Path, name: str, version: str = "1.0", release: str = "1",
              "License: MIT", "AutoReqProv: no", f"BuildArch: {arch}"]
     lines += [f"Provides: {p}" for p in provides] + [f"Requires: {r}" for r in requires]
     lines += [f"Supplements: {x}" for x in supplements]
+    lines += [f"Conflicts: {c}" for c in conflicts] + [f"Obsoletes: {o}" for o in obsoletes]
     lines += ["", "%description", "Test package.", "", "%prep", "%build", "%install",
               f"cp -a '{src.resolve()}/.' %{{buildroot}}/", "", "%files"]
     lines += [f'"{_escape(p)}"' for p in sorted(files)]

@@ -66,6 +66,10 @@ class Backend(Protocol):
         a request is in no repository, Busy when the package lock stayed held past lock_wait,
         KmodguardError on any other failure (message says what to do)."""
 
+    def refresh(self, timeout: float | None = None) -> None:
+        """Fetch fresh repository metadata, once, before a request is called unavailable. Raises
+        SignatureRefused when a repository's signature is refused, KmodguardError when unreachable."""
+
     # For `kmodguard index fetch` (dnf, dnf5 and apt have them):
 
     def provides(self, request: str) -> list[str]:
@@ -110,7 +114,7 @@ BY_HAND = {
 
 
 def choose(name: str, package_manager: str | None, root=None, timeout: float = 900.0,
-           firmware_packages: tuple[str, ...] = ()) -> Backend:
+           lock_wait: float = 300.0, firmware_packages: tuple[str, ...] = ()) -> Backend:
     """The backend by policy name ("auto": the distribution's own package manager).
     firmware_packages: the allow-list a backend checks bare package names against again."""
     from pathlib import Path
@@ -134,9 +138,9 @@ def choose(name: str, package_manager: str | None, root=None, timeout: float = 9
     if name == "apt":
         from .apt import AptBackend
 
-        return AptBackend(root)
+        return AptBackend(root, timeout=timeout)
     if name == "zypper":
         from .zypper import ZypperBackend
 
-        return ZypperBackend(root)
+        return ZypperBackend(root, timeout=timeout, lock_wait=lock_wait)
     raise KmodguardError(f"unknown package backend {name!r}")

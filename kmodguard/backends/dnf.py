@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..errors import Busy, KmodguardError, PackageUnavailable
+from ..errors import Busy, KmodguardError, PackageUnavailable, SignatureRefused
 from . import InstallResult, Offer, Progress
 from ._run import last_line as _last_line
 from ._run import run
@@ -25,10 +25,11 @@ from .. import requests as req
 
 log = logging.getLogger(__name__)
 
-# repoquery tags differ between the generations
+# repoquery tags: dnf 4 and dnf5 both name them downloadsize and installsize (dnf5-repoquery(8),
+# "--queryformat"); every option is written --NAME=VALUE, the form dnf5's manual documents
 QUERYFORMAT = {
     "dnf": "%{name}-%{evr}.%{arch}\t%{downloadsize}\t%{installsize}\n",
-    "dnf5": "%{name}-%{evr}.%{arch}\t%{download_size}\t%{install_size}\n",
+    "dnf5": "%{name}-%{evr}.%{arch}\t%{downloadsize}\t%{installsize}\n",
 }
 
 
@@ -71,7 +72,7 @@ class DnfBackend:
     def _base(self) -> list[str]:
         args = [self.command]
         if self.root != Path("/"):
-            args += ["--installroot", str(self.root)]
+            args += [f"--installroot={self.root}"]
         return args + list(self.extra_args)
 
     def _run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -83,7 +84,7 @@ class DnfBackend:
         return [] if self.name == "dnf5" else ["--"]
 
     def install_argv(self, requests: list[str], comment: str) -> list[str]:
-        return self._base() + ["-y", "--comment", comment, "install", *self._end_of_options(),
+        return self._base() + ["-y", f"--comment={comment}", "install", *self._end_of_options(),
                                *req.checked(requests, FORMS, self.name, self._name_allowed)]
 
     def repoquery_argv(self, request: str, *opts: str) -> list[str]:
@@ -91,7 +92,7 @@ class DnfBackend:
         return self._base() + ["repoquery", *opts, f"--whatprovides={request}"]
 
     def download_argv(self, requests: list[str], destdir) -> list[str]:
-        return self._base() + ["download", "--destdir", str(destdir), *self._end_of_options(),
+        return self._base() + ["download", f"--destdir={destdir}", *self._end_of_options(),
                                *req.checked(requests, (req.UNAME_R, req.NAME_VERSION), self.name)]
 
     def firmware_argv(self, names: list[str], cache_only: bool) -> list[str]:
@@ -111,7 +112,7 @@ class DnfBackend:
         timeout = timeout or self.timeout
         offers = []
         for request in requests:
-            res = self._run(self.repoquery_argv(request, "--qf", QUERYFORMAT[self.name]), timeout)
+            res = self._run(self.repoquery_argv(request, f"--queryformat={QUERYFORMAT[self.name]}"), timeout)
             if res.returncode != 0:
                 raise KmodguardError(f"{self.name} repoquery failed for {request!r}: {_last_line(res)}",
                                      hint="check the repositories ('dnf repolist') and the network, then run again")
@@ -166,6 +167,11 @@ class DnfBackend:
             if missing:
                 raise PackageUnavailable(f"no repository has {', '.join(missing)}",
                                          hint=UNAVAILABLE_HINT)
+            if any(m in output for m in SIGNATURE_REFUSED):
+                raise SignatureRefused(f"{self.name} install failed: it refused the signature of a package for "
+                                       f"{', '.join(requests)}: {_last_line(res)}",
+                                       hint="kmodguard never turns signature checks off: import the repository's "
+                                            "key (gpgkey=) or fix the repository, then run again")
             if "Waiting for process with pid" in output:
                 raise Busy(f"{self.name} waited for another package manager and gave up")
             raise KmodguardError(f"{self.name} install failed (exit {res.returncode}): {_last_line(res)}",
@@ -173,8 +179,15 @@ class DnfBackend:
         return InstallResult(tuple(requests), output)
 
 
+    def refresh(self, timeout: float | None = None) -> None:
+        """Metadata marked expired and fetched again (dnf 4 and dnf5 both take makecache --refresh)."""
+        res = self._run(self._base() + ["makecache", "--refresh"], timeout or self.timeout)
+        if res.returncode != 0:
+            raise KmodguardError(f"{self.name} makecache --refresh failed: {_last_line(res)}",
+                                 hint="check the repositories ('dnf repolist') and the network, then run again")
+
     def provides(self, request: str, timeout: float | None = None) -> list[str]:
-        res = self._run(self.repoquery_argv(request, "--latest-limit", "1", "--provides"), timeout or self.timeout)
+        res = self._run(self.repoquery_argv(request, "--latest-limit=1", "--provides"), timeout or self.timeout)
         if res.returncode != 0:
             raise KmodguardError(f"{self.name} repoquery --provides failed for {request!r}: {_last_line(res)}")
         return [line.strip() for line in res.stdout.splitlines() if line.strip()]
@@ -294,6 +307,9 @@ class DnfBackend:
                 bare.append(entry.name.rsplit("-", 1)[0])
         return bare
 
+# what dnf 4 and dnf5 print when a package's signature is refused
+SIGNATURE_REFUSED = ("GPG check FAILED", "is not signed", "Public key for",
+                     "Signature verification failed", "OpenPGP check for package")
 
 UNAVAILABLE_HINT = ("the package for the running kernel has left the repositories (this happens after newer "
                     "kernels are published); either install it from a local package file "

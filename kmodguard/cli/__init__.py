@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         Exit 5 when no repository has a modules package for the kernel."""))
     fetch.add_argument("--download", action="store_true", default=False,
                        help="always download (do not carry another kernel's index over)")
+    fetch.add_argument("--backend", choices=("auto", "dnf", "dnf5", "apt", "zypper", "packagekit"), default=None,
+                       help="package manager to download with (default: policy 'backend', else the "
+                            "distribution's); dnf, dnf5 and apt can download, zypper and PackageKit cannot")
     fetch.set_defaults(func="index_fetch")
     derive = isub.add_parser("derive", help="prepare a new kernel's index from the running kernel's", parents=[common],
                              formatter_class=fmt, epilog=EXIT_CODES, description=textwrap.dedent("""\

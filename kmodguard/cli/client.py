@@ -7,13 +7,13 @@ import json
 import os
 from typing import Callable
 
-from ..errors import Busy, InvalidInput, KmodguardError, NotAuthorized, PackageUnavailable
+from ..errors import Busy, InvalidInput, KmodguardError, NotAuthorized, PackageUnavailable, SignatureRefused
 from .output import safe
 
 MAX_PROGRESS = 500  # characters of one progress line relayed from the daemon
 
 ERRORS = {"NotAuthorized": NotAuthorized, "PackageUnavailable": PackageUnavailable, "Busy": Busy,
-          "InvalidInput": InvalidInput}
+          "InvalidInput": InvalidInput, "SignatureRefused": SignatureRefused}
 
 
 def _error(exc) -> KmodguardError:

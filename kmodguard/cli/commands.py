@@ -320,7 +320,7 @@ def index_fetch(args) -> int:
 
     paths = make_paths(args)
     engine = Engine(paths)
-    done = fetch(engine, paths.kver, progress, download=args.download)
+    done = fetch(engine, paths.kver, progress, download=args.download, backend=args.backend)
     if args.json:
         emit_json({"kernel": paths.kver, "packages": done})
     else:

@@ -249,7 +249,7 @@ class DaemonInterface(D.ServiceInterface):
         return json.dumps(self.daemon.last_fix) if self.daemon.last_fix else ""
 
 
-ERROR_NAMES = frozenset({"NotAuthorized", "PackageUnavailable", "Busy", "InvalidInput", "Failed"})
+ERROR_NAMES = frozenset({"NotAuthorized", "PackageUnavailable", "Busy", "InvalidInput", "SignatureRefused", "Failed"})
 
 
 class BusPublisher(Publisher):

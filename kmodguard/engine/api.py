@@ -151,7 +151,8 @@ class Engine:
         from ..backends import choose
 
         return choose(name or self.policy.backend, self.env.package_manager, self.paths.root,
-                      self.policy.timeouts.package_manager, self.policy.firmware_packages)
+                      self.policy.timeouts.package_manager, lock_wait=self.policy.timeouts.lock_wait,
+                      firmware_packages=self.policy.firmware_packages)
 
     def with_sizes(self, plan: Plan, backend, progress: Callable[[str], None]) -> Plan:
         """The plan with download and installed sizes, when the repository metadata tells them."""

@@ -70,6 +70,25 @@ class FixReport(NamedTuple):
                 "outcomes": [o.as_json() for o in self.devices]}
 
 
+def query_fresh(backend: Backend, requests: list[str], progress: Progress) -> list:
+    """The backend's offers; when one is missing, the metadata refreshed once (a cloud image's
+    lists are often empty or stale) and asked again: "not available" is said only after that."""
+    offers = backend.query(requests)
+    refresh = getattr(backend, "refresh", None)  # a backend without one always asks fresh metadata
+    if refresh is not None and not all(o.available for o in offers):
+        progress(f"{backend.name}: refreshing the repository metadata")
+        refresh()
+        offers = backend.query(requests)
+    return offers
+
+
+def unavailable_hint(backend: Backend) -> str:
+    """What to do when the exact version left the repositories, in the backend's own commands."""
+    from ..backends import dnf
+
+    return getattr(backend, "unavailable_hint", dnf.UNAVAILABLE_HINT)
+
+
 def _driver(syspath: str) -> str | None:
     link = os.path.join(syspath, "driver")
     return os.path.basename(os.readlink(link)) if os.path.islink(link) else None
@@ -106,14 +125,12 @@ class Remediation:
         elif not pending:
             self._step("install", "skipped", "already installed: " + ", ".join(p.request for p in plan.install), t)
         else:
-            offers = self.backend.query(pending)
+            offers = query_fresh(self.backend, pending, self.progress)
             self.sizes = {o.request: o for o in offers}
             gone = [o.request for o in offers if not o.available]
             if gone:
-                from ..backends.dnf import UNAVAILABLE_HINT
-
                 self._step("install", "failed", f"in no repository: {', '.join(gone)}", t)
-                raise PackageUnavailable(f"no repository has {', '.join(gone)}", hint=UNAVAILABLE_HINT)
+                raise PackageUnavailable(f"no repository has {', '.join(gone)}", hint=unavailable_hint(self.backend))
             self._before_transaction(plan)
             comment = f"kmodguard: driver packages for {', '.join(d.id for d in acting)}"
             result = self.backend.install(pending, comment=comment, timeout=self.config.timeouts.package_manager,

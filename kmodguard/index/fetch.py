@@ -64,13 +64,20 @@ def _source_index(index_root: Path, kver: str, name: str, modules: set[str]) -> 
 
 
 def fetch(engine, kver: str, progress: Callable[[str], None], *, download: bool = False,
-          timeout: float = 1800) -> list[dict]:
+          timeout: float = 1800, backend: str | None = None) -> list[dict]:
     """Index kver's modules packages; returns what was done for each one."""
     paths = engine.paths
-    backend = engine.backend()
+    backend = engine.backend(backend)
+    if not callable(getattr(backend, "download", None)):
+        raise KmodguardError(f"'kmodguard index fetch' cannot use {backend.name}: kmodguard downloads packages "
+                             f"without installing them only with dnf, dnf5 and apt",
+                             hint="use dnf, dnf5 or apt (--backend), or index the packages where they are at hand: "
+                                  "'kmodguard index build --from-rpm FILE...' or '--from-dir'")
     wanted = _requests(engine.policy, backend.name, kver)
     progress(f"asking the repositories for the modules packages of kernel {kver}")
-    offers = {o.request: o for o in backend.query(list(wanted.values()))}
+    from ..engine.remediate import query_fresh
+
+    offers = {o.request: o for o in query_fresh(backend, list(wanted.values()), progress)}
     available = {name: req for name, req in wanted.items() if offers.get(req) and offers[req].available}
     if not available:
         raise PackageUnavailable(f"no repository has a modules package for kernel {kver} "
