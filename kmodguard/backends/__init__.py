@@ -140,7 +140,7 @@ def choose(name: str, package_manager: str | None, root=None, timeout: float = 9
     if name == "apt":
         from .apt import AptBackend
 
-        return AptBackend(root, timeout=timeout)
+        return AptBackend(root, timeout=timeout, firmware_packages=firmware_packages)
     if name == "zypper":
         from .zypper import ZypperBackend
 
