@@ -1,11 +1,13 @@
-"""Firmware through apt's own Contents indices, in a real minimal Debian root (aptroot.py) against a
+"""Firmware and driver announcements through apt's own indices, in a real minimal Debian root (aptroot.py) against a
 signed local apt repository that publishes a Contents-amd64 (what apt-file's Contents-deb target
 fetches at apt-get update; apt-file itself is not installed here, and kmodguard reads the same
 indices with apt-get indextargets and apt-helper cat-file).
 
 firmware-kmg holds kmg_gpu's two firmware files under /lib/firmware (Debian 12's place),
 kmg-evil-firmware one of them but is not allow-listed. What is asserted is read from the root:
-dpkg's database and apt's history log (ROOT/var/log/apt/history.log).
+dpkg's database and apt's history log (ROOT/var/log/apt/history.log). kmg-third-modules announces
+its module in Debian's `Modaliases:` field (as dh_modaliases writes it), which apt's package lists
+carry.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from backend_harness import pci_device
 
 KVER, EXTRA, VERSION = aptroot.KVER, aptroot.EXTRA, aptroot.VERSION
 GPU = synthetic.ALIAS["gpu"]  # kmg_gpu in linux-modules-extra: it names kmg/gpu_present.bin and kmg/gpu_absent.bin
+THIRD = "pci:v0000EEEEd00000009sv00000000sd00000000bc02sc00i00"
+OTHER = "usb:v1234p5678d0001dc00dsc00dp00ic03isc00ip00in00"
+OF = "of:NkmgT(null)Cacme,kmg-chip"
+MODALIASES = ("Modaliases: kmg_third(pci:v0000EEEEd00000009sv*sd*bc*sc*i*, usb:v1234p5678d*dc*dsc*dp*ic*isc*ip*in*), "
+              "kmg_third_of(of:N*T*Cacme,kmg-chip)\n")
 POLICY = ('backend = "apt"\nfirmware_packages = ["firmware-kmg"]\n'
           "[timeouts]\nsettle = 0.2\nlock_wait = 2\npackage_manager = 120\n")
 
@@ -35,6 +42,10 @@ def debian(tmp_path_factory):
               "/lib/firmware/kmg/gpu_present.bin": b"fw-a", "/lib/firmware/kmg/gpu_absent.bin": b"fw-b"}),
           aptroot.build_plain_deb(base / "debs", base / "debs-work", "kmg-evil-firmware", "1.0",
                                   {"/usr/lib/firmware/kmg/gpu_present.bin": b"x"})]
+    mod = synthetic.Module("kmg_third", aliases=("pci:v0000EEEEd00000009sv*sd*bc*sc*i*",), subdir="updates/dkms")
+    ko = synthetic.build_module(mod, base / "third" / "lib/modules" / KVER, base / "third-src")
+    fw.append(aptroot.build_plain_deb(base / "debs", base / "debs-work", "kmg-third-modules", "1.2-1",
+                                      {f"/lib/modules/{KVER}/updates/dkms/kmg_third.ko": ko.read_bytes()}, MODALIASES))
     yield debs, fw, key, aptroot.make_base_root(base / "root", debs)
     rpmbuild.stop_agent(key)
 
@@ -108,3 +119,31 @@ def test_fix_installs_the_modules_and_the_firmware_package_in_one_apt_get_run(ma
     assert (root / "lib/firmware/kmg/gpu_absent.bin").is_file()
     dev = gpu_status(kmg)
     assert dev["verdict"] == "loadable" and "firmware" not in dev, dev
+
+
+def test_a_modaliases_field_makes_the_device_missing_and_fix_installs_it_when_allowed(machine, tmp_path):
+    kmg, root = machine
+    res = kmg("explain", "--json", "--kver", KVER, THIRD, OTHER, OF, check_code=3).json["results"]
+    for r in res:
+        assert r["verdict"] == "missing", r
+        assert [(c["package"], c["origin"], c["request"]) for c in r["candidates"]] == [
+            ("kmg-third-modules", "repository", "kmg-third-modules = 1.2-1")]
+    assert "provides modalias(of:N*T*Cacme,kmg-chip)" in res[2]["reason"]  # the ',' inside an alias kept
+    (none,) = kmg("explain", "--json", "--kver", KVER, synthetic.ALIAS["none"], check_code=0).json["results"]
+    assert none["verdict"] == "unknown"
+    dev = kmg.with_devices(pci_device(THIRD, "0000:00:09.0"), tmp_path)
+    plan = dev("fix", "--dry-run", "--json", "--kver", KVER).json
+    assert plan["install"] == [] and plan["devices"][0]["action"] == "refused"  # not in packages
+    Path(kmg.env["KMODGUARD_CONFIG_DIR"], "kmodguard.toml").write_text(
+        'packages = ["linux-modules-extra", "kmg-third-modules"]\n' + POLICY)
+    plan = dev("fix", "--dry-run", "--json", "--kver", KVER, check_code=3).json
+    assert [(p["request"], p["kind"]) for p in plan["install"]] == [("kmg-third-modules = 1.2-1", "modules")]
+    before = aptroot.dpkg_installed(root)
+    res = dev("fix", "--yes", "--local", "--json", "--kver", KVER)
+    assert res.returncode == 6, res.stdout + res.stderr  # installed; this kernel cannot load modules
+    assert sorted(set(aptroot.dpkg_installed(root)) - set(before)) == ["kmg-third-modules=1.2-1"]
+    # apt was asked for that exact version: apt's NAME=VERSION, after '--'
+    assert "Commandline: apt-get -y -q --no-install-recommends -o DPkg::Lock::Timeout=2 install -- " \
+           "kmg-third-modules=1.2-1" in (root / "var/log/apt/history.log").read_text()
+    (after,) = kmg("explain", "--json", "--kver", KVER, THIRD).json["results"]
+    assert after["verdict"] == "loadable" and after["installed_modules"] == ["kmg_third"]

@@ -47,11 +47,19 @@ def _error_line(res) -> str:
 
 
 def _name(request: str, names_allowed=None) -> str:
-    """A NAME-KVER request (linux-modules-extra-KVER), parsed again; or a firmware package's bare
-    name when names_allowed (the firmware allow-list) admits it. apt-get takes no other form."""
-    if names_allowed is None:
-        return req.checked([request], (req.NAME_KVER,), "apt-get")[0]
-    return req.checked([request], (req.NAME_KVER, req.NAME), "apt-get", names_allowed)[0]
+    """A request parsed again, as apt-get spells it: NAME-KVER (linux-modules-extra-KVER) as it is;
+    NAME = VERSION (a package a repository announces) as apt's NAME=VERSION; a firmware package's
+    bare name when names_allowed (the firmware allow-list) admits it. apt-get takes no other form."""
+    forms = (req.NAME_KVER, req.NAME_VERSION) + ((req.NAME,) if names_allowed is not None else ())
+    (text,) = req.checked([request], forms, "apt-get", names_allowed)
+    parsed = req.parse_any(text, forms)
+    return f"{parsed.package}={parsed.version}" if parsed.form == req.NAME_VERSION else text
+
+
+def _package(request: str, names_allowed=None) -> tuple[str, str | None]:
+    """(package name, exact version or None) of a request, for dpkg-query."""
+    name, _, version = _name(request, names_allowed).partition("=")
+    return name, version or None
 
 
 def install_argv(names: list[str], opts: list[str], lock_wait: float, names_allowed=None) -> list[str]:
@@ -111,9 +119,11 @@ class AptBackend:
             return run(args, timeout, name, {"DEBIAN_FRONTEND": "noninteractive", **env}, cwd=cwd)
 
     def is_installed(self, request: str) -> bool:
+        name, version = _package(request, self._name_allowed)
         res = run([shutil.which("dpkg-query") or "dpkg-query", *(["--root", str(self.root)] if self.root != Path("/") else []),
-                   "-W", "-f", "${db:Status-Status}", "--", _name(request, self._name_allowed)], 60, "dpkg-query")
-        return res.returncode == 0 and res.stdout.strip() == "installed"
+                   "-W", "-f", "${db:Status-Status} ${Version}", "--", name], 60, "dpkg-query")
+        status, _, have = res.stdout.strip().partition(" ")
+        return res.returncode == 0 and status == "installed" and (version is None or have == version)
 
     def refresh(self, timeout: float | None = None) -> None:
         """apt-get update in the target root. SignatureRefused when a repository's Release
@@ -147,14 +157,15 @@ class AptBackend:
                 continue
             size = int(fields["Size"]) if fields.get("Size", "").isdigit() else None
             inst = int(fields["Installed-Size"]) * 1024 if fields.get("Installed-Size", "").isdigit() else None
-            offers.append(Offer(request, True, f"{request}_{fields['Version']}", size, inst))
+            offers.append(Offer(request, True, f"{_package(request, self._name_allowed)[0]}_{fields['Version']}",
+                                size, inst))
         return offers
 
     def install(self, requests: list[str], *, comment: str, timeout: float, lock_wait: float,
                 progress: Progress) -> InstallResult:
         names = [_name(r, self._name_allowed) for r in requests]
         progress(f"apt-get: installing {', '.join(names)}")
-        res = self._apt(install_argv(names, self._opts(), lock_wait, self._name_allowed), timeout, "apt-get")
+        res = self._apt(install_argv(list(requests), self._opts(), lock_wait, self._name_allowed), timeout, "apt-get")
         output = res.stdout + res.stderr
         if res.returncode != 0:
             if "Unable to locate package" in output or "has no installation candidate" in output:
@@ -251,3 +262,65 @@ class AptBackend:
                 v = line.split(":", 1)[1].strip()
                 versions[current] = v if req.VERSION_RE.fullmatch(v) else ""
         return versions
+
+    # --- driver announcements (issue 14) --------------------------------------------------------
+
+    def _package_lists(self, timeout: float) -> list[str]:
+        return [f for ident, _, f in self._targets(timeout) if ident == "Packages" and os.path.isfile(f)]
+
+    def driver_announcements(self, *, cache_only: bool, timeout: float | None = None):
+        """Debian's `Modaliases: module(alias, alias), module2(...)` field (dh_modaliases: DKMS and
+        other driver packages) in apt's package lists, read with apt-helper cat-file: a cache, so
+        nothing reaches the network. Shown as 'provides' (the field is what the package provides)."""
+        from . import Announcement, Announcements
+
+        timeout = timeout or self.timeout
+        lists = self._package_lists(timeout)
+        if not lists:
+            return Announcements((), "apt has no package lists of the enabled sources: run 'apt-get update'")
+        helper = shutil.which("apt-helper") or "/usr/lib/apt/apt-helper"
+        res = run([helper, "cat-file", "--", *lists], timeout, "apt-helper cat-file")
+        if res.returncode != 0:
+            raise KmodguardError(f"apt-helper cat-file could not read the package lists: {last_line(res)}")
+        items = []
+        for stanza in res.stdout.split("\n\n"):
+            if "Modaliases:" not in stanza:
+                continue
+            fields = {}
+            for line in stanza.splitlines():
+                key, sep, value = line.partition(": ")
+                if sep and line[0] not in " \t":
+                    fields[key] = value.strip()
+            name, version = fields.get("Package", ""), fields.get("Version", "")
+            if not (req.NAME_RE.fullmatch(name) and len(name) <= req.MAX and req.VERSION_RE.fullmatch(version)):
+                continue
+            for pattern in modaliases_field(fields.get("Modaliases", "")):
+                items.append(Announcement(name, version, pattern, "provides"))
+        return Announcements(tuple(dict.fromkeys(items)), None)
+
+    def metadata_revision(self) -> str | None:
+        """Which package lists apt holds now (each list file's size and mtime)."""
+        marks = []
+        for f in sorted((self.root / "var/lib/apt/lists").glob("*_Packages*")):
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            marks.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        return f"apt|{self.root}|" + ",".join(marks) if marks else None
+
+
+_MODALIASES_ITEM = re.compile(r"([A-Za-z0-9_-]+)\(([^()]*)\)")
+
+
+def modaliases_field(value: str) -> list[str]:
+    """The patterns of a Modaliases field: 'mod(a1, a2), mod2(a3)'; aliases are separated by ', '
+    (an of: alias may hold a bare ','). Each checked as every announced pattern is."""
+    from .dnf import MODALIAS_PATTERN
+
+    out = []
+    for _module, inner in _MODALIASES_ITEM.findall(value[:65536]):
+        for pattern in (p.strip() for p in inner.split(", ")):
+            if MODALIAS_PATTERN.fullmatch(pattern) and "#" not in pattern:
+                out.append(pattern)
+    return out
