@@ -78,7 +78,7 @@ class Backend(Protocol):
     def download(self, requests: list[str], destdir, timeout: float) -> list:
         """Download (never install) the packages into destdir; returns the package files."""
 
-    # For a module's firmware (dnf, dnf5 and zypper have it; see firmware_lookup for the others):
+    # For a module's firmware (dnf, dnf5, zypper and apt have it; see firmware_lookup for the others):
 
     def firmware_providers(self, names: list[str], *, cache_only: bool) -> FirmwareLookup:
         """The packages whose file lists hold /usr/lib/firmware/NAME (.xz, .zst) for each name;
