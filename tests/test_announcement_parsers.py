@@ -70,7 +70,7 @@ def test_zypper_search_output_names_are_checked(monkeypatch):
            "    provides: /lib/firmware/kmg/a.bin.xz\n"
            "  | -oEvil | package | 1-1 | noarch | kmg\n"
            "    provides: /lib/firmware/kmg/a.bin\n"
-           "i | kernel-firmware-old | package | 1-1 | noarch | kmg\n"
+           "i+ | kernel-firmware-old | package | 1-1 | noarch | kmg\n"
            "    provides: /usr/lib/firmware/kmg/a.bin\n")
     monkeypatch.setattr(zyp, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, out, ""))
     b = zyp.ZypperBackend(Path("/nonexistent"))

@@ -205,7 +205,7 @@ class ZypperBackend:
             cells = [c.strip() for c in line.split("|")]
             if len(cells) == 6 and cells[2] == "package":
                 name, version = cells[1], cells[3]
-                ok = req.NAME_RE.fullmatch(name) and len(name) <= req.MAX and cells[0] != "i"
+                ok = req.NAME_RE.fullmatch(name) and len(name) <= req.MAX and not cells[0].startswith("i")
                 current = name if ok else None
                 if current:
                     versions[current] = version if req.VERSION_RE.fullmatch(version) else ""
