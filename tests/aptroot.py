@@ -129,13 +129,17 @@ class AptRepo:
     def uri(self) -> str:
         return f"copy:{self.dir}"  # file: would link the root's lists to the repository's: never stale
 
-    def publish(self, debs: list[Path], sign_with: rpmbuild.TestKey | None = None) -> "AptRepo":
-        """Exactly these packages, Packages/Release regenerated and signed (InRelease, Release.gpg)."""
+    def publish(self, debs: list[Path], sign_with: rpmbuild.TestKey | None = None,
+                contents: bool = False) -> "AptRepo":
+        """Exactly these packages, Packages/Release regenerated and signed (InRelease, Release.gpg);
+        contents: a Contents-amd64 too (what apt-file's Contents-deb target fetches)."""
         for old in self.dir.glob("*"):
             old.unlink()
         for deb in debs:
             shutil.copyfile(deb, self.dir / deb.name)
         (self.dir / "Packages").write_text(_run(["apt-ftparchive", "packages", "."], cwd=self.dir).stdout)
+        if contents:
+            (self.dir / "Contents-amd64").write_text(_run(["apt-ftparchive", "contents", "."], cwd=self.dir).stdout)
         release = _run(["apt-ftparchive", "-o", "APT::FTPArchive::Release::Origin=kmodguard-tests",
                         "release", "."], cwd=self.dir).stdout
         (self.dir / "Release").write_text(release)
@@ -186,3 +190,34 @@ def root_env(root: Path, tmp: Path) -> dict:
             "KMODGUARD_MODPROBE_DIRS": str(root / "etc/modprobe.d"), "KMODGUARD_BOOT_DIR": str(root / "boot"),
             "KMODGUARD_DRACUT_CONF_DIR": str(root / "etc/dracut.conf.d"),
             "KMODGUARD_KMSG": str(tmp / "no-kmsg"), "KMODGUARD_CONTAINER": "none"}
+
+
+# apt-file's Contents-deb target (its /etc/apt/apt.conf.d/50apt-file.conf, the part a flat repository uses)
+CONTENTS_TARGET = """Acquire::IndexTargets {
+    deb::Contents-deb {
+        MetaKey "$(COMPONENT)/Contents-$(ARCHITECTURE)";
+        ShortDescription "Contents-$(ARCHITECTURE)";
+        Description "$(RELEASE)/$(COMPONENT) $(ARCHITECTURE) Contents (deb)";
+        flatMetaKey "Contents-$(ARCHITECTURE)";
+        flatDescription "$(RELEASE) Contents (deb)";
+        KeepCompressed "true";
+    };
+};
+"""
+
+
+def build_plain_deb(out: Path, work: Path, name: str, version: str, files: dict[str, bytes], control: str = "") -> Path:
+    """A package of plain files (firmware, a DKMS source) with extra control fields."""
+    top = work / f"{name}-{version}"
+    shutil.rmtree(top, ignore_errors=True)
+    for path, data in files.items():
+        dest = top / path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+    (top / "DEBIAN").mkdir(parents=True)
+    (top / "DEBIAN/control").write_text(
+        f"Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: kmodguard tests <kmg@example.invalid>\n"
+        f"Section: kernel\nPriority: optional\n{control}Description: {name} (kmodguard test)\n")
+    out.mkdir(parents=True, exist_ok=True)
+    _run(["dpkg-deb", "--root-owner-group", "-Zxz", "--build", str(top), str(out)])
+    return out / f"{name}_{version}_all.deb"

@@ -78,7 +78,7 @@ class Backend(Protocol):
     def download(self, requests: list[str], destdir, timeout: float) -> list:
         """Download (never install) the packages into destdir; returns the package files."""
 
-    # For a module's firmware (dnf and dnf5 have it; see firmware_lookup for the others):
+    # For a module's firmware (dnf, dnf5, zypper and apt have it; see firmware_lookup for the others):
 
     def firmware_providers(self, names: list[str], *, cache_only: bool) -> FirmwareLookup:
         """The packages whose file lists hold /usr/lib/firmware/NAME (.xz, .zst) for each name;
@@ -108,7 +108,9 @@ def firmware_lookup(backend, names: list[str], *, cache_only: bool) -> FirmwareL
 BY_HAND = {
     "apt": "'apt-file search /lib/firmware/NAME' names it; Debian keeps firmware in firmware-* packages of "
            "the non-free-firmware component, which may need enabling in the APT sources",
-    "zypper": "'zypper search --provides /lib/firmware/NAME' names it (SUSE's kernel-firmware-* packages)",
+    # zypper's metadata has no full file lists (libzypp reads primary.xml only): its search cannot name it
+    "zypper": "SUSE keeps firmware in kernel-firmware-* packages named after the hardware's maker "
+              "('zypper search kernel-firmware'; 'rpm -qlp PACKAGE.rpm' lists a downloaded one's files)",
     "": "the distribution's firmware packages hold /lib/firmware/NAME",
 }
 
@@ -138,9 +140,9 @@ def choose(name: str, package_manager: str | None, root=None, timeout: float = 9
     if name == "apt":
         from .apt import AptBackend
 
-        return AptBackend(root, timeout=timeout)
+        return AptBackend(root, timeout=timeout, firmware_packages=firmware_packages)
     if name == "zypper":
         from .zypper import ZypperBackend
 
-        return ZypperBackend(root, timeout=timeout, lock_wait=lock_wait)
+        return ZypperBackend(root, timeout=timeout, lock_wait=lock_wait, firmware_packages=firmware_packages)
     raise KmodguardError(f"unknown package backend {name!r}")

@@ -16,6 +16,7 @@ that a package is in no repository) and reports a refused signature as Signature
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import tempfile
@@ -47,14 +48,34 @@ def _error_line(res) -> str:
     return errors[-1] if errors else last_line(res)
 
 
-def _name(request: str) -> str:
-    """A NAME-KVER request (linux-modules-extra-KVER), parsed again; apt-get takes no other form."""
-    return req.checked([request], (req.NAME_KVER,), "apt-get")[0]
+def _name(request: str, names_allowed=None) -> str:
+    """A request parsed again, as apt-get spells it: NAME-KVER (linux-modules-extra-KVER) as it is;
+    NAME = VERSION (a package a repository announces) as apt's NAME=VERSION; a firmware package's
+    bare name when names_allowed (the firmware allow-list) admits it. apt-get takes no other form."""
+    forms = (req.NAME_KVER, req.NAME_VERSION) + ((req.NAME,) if names_allowed is not None else ())
+    (text,) = req.checked([request], forms, "apt-get", names_allowed)
+    parsed = req.parse_any(text, forms)
+    return f"{parsed.package}={parsed.version}" if parsed.form == req.NAME_VERSION else text
 
 
-def install_argv(names: list[str], opts: list[str], lock_wait: float) -> list[str]:
+def _package(request: str, names_allowed=None) -> tuple[str, str | None]:
+    """(package name, exact version or None) of a request, for dpkg-query."""
+    name, _, version = _name(request, names_allowed).partition("=")
+    return name, version or None
+
+
+def install_argv(names: list[str], opts: list[str], lock_wait: float, names_allowed=None) -> list[str]:
     return ["apt-get", *opts, "-y", "-q", "--no-install-recommends", "-o", f"DPkg::Lock::Timeout={int(lock_wait)}",
-            "install", "--", *[_name(n) for n in names]]
+            "install", "--", *[_name(n, names_allowed) for n in names]]
+
+
+# Firmware: Debian 12 ships it in /lib/firmware, later releases in /usr/lib/firmware; uncompressed
+FIRMWARE_DIRS = ("lib/firmware/", "usr/lib/firmware/")  # as Contents files spell paths
+FIRMWARE_SUFFIXES = ("", ".xz", ".zst")
+# apt-get indextargets: one line per index target of the enabled sources
+TARGET_FORMAT = "$(IDENTIFIER)\t$(COMPONENT)\t$(FILENAME)"
+NO_CONTENTS = ("apt has no Contents indices of the enabled sources (apt-file's configuration enables them: "
+               "install apt-file and run 'apt-get update')")
 
 
 def root_config(root: Path) -> str:
@@ -71,9 +92,16 @@ class AptBackend:
     name = "apt"
     unavailable_hint = UNAVAILABLE_HINT
 
-    def __init__(self, root: Path = Path("/"), timeout: float = 900.0):
+    def __init__(self, root: Path = Path("/"), timeout: float = 900.0, firmware_packages: tuple[str, ...] = ()):
+        # the firmware allow-list again: a bare package name is taken only when it admits it
+        self.firmware_packages = tuple(firmware_packages)
         self.root = Path(root)
         self.timeout = timeout  # for queries and refreshes; an install gets its own
+
+    def _name_allowed(self, name: str) -> bool:
+        from ..config import name_matches
+
+        return any(name_matches(name, e) for e in self.firmware_packages)
 
     def _opts(self) -> list[str]:
         return []  # the root goes through APT_CONFIG (_apt)
@@ -93,9 +121,11 @@ class AptBackend:
             return run(args, timeout, name, {"DEBIAN_FRONTEND": "noninteractive", **env}, cwd=cwd)
 
     def is_installed(self, request: str) -> bool:
+        name, version = _package(request, self._name_allowed)
         res = run([shutil.which("dpkg-query") or "dpkg-query", *(["--root", str(self.root)] if self.root != Path("/") else []),
-                   "-W", "-f", "${db:Status-Status}", "--", _name(request)], 60, "dpkg-query")
-        return res.returncode == 0 and res.stdout.strip() == "installed"
+                   "-W", "-f", "${db:Status-Status} ${Version}", "--", name], 60, "dpkg-query")
+        status, _, have = res.stdout.strip().partition(" ")
+        return res.returncode == 0 and status == "installed" and (version is None or have == version)
 
     def refresh(self, timeout: float | None = None) -> None:
         """apt-get update in the target root. SignatureRefused when a repository's Release
@@ -120,7 +150,8 @@ class AptBackend:
     def query(self, requests: list[str], timeout: float | None = None) -> list[Offer]:
         offers = []
         for request in requests:
-            res = self._apt(["apt-cache", "show", "--no-all-versions", "--", _name(request)], timeout or self.timeout,
+            res = self._apt(["apt-cache", "show", "--no-all-versions", "--", _name(request, self._name_allowed)],
+                            timeout or self.timeout,
                             "apt-cache")
             fields = dict(line.split(": ", 1) for line in res.stdout.splitlines() if ": " in line and line[0] != " ")
             if res.returncode != 0 or "Version" not in fields:
@@ -128,14 +159,15 @@ class AptBackend:
                 continue
             size = int(fields["Size"]) if fields.get("Size", "").isdigit() else None
             inst = int(fields["Installed-Size"]) * 1024 if fields.get("Installed-Size", "").isdigit() else None
-            offers.append(Offer(request, True, f"{request}_{fields['Version']}", size, inst))
+            offers.append(Offer(request, True, f"{_package(request, self._name_allowed)[0]}_{fields['Version']}",
+                                size, inst))
         return offers
 
     def install(self, requests: list[str], *, comment: str, timeout: float, lock_wait: float,
                 progress: Progress) -> InstallResult:
-        names = [_name(r) for r in requests]
+        names = [_name(r, self._name_allowed) for r in requests]
         progress(f"apt-get: installing {', '.join(names)}")
-        res = self._apt(install_argv(names, self._opts(), lock_wait), timeout, "apt-get")
+        res = self._apt(install_argv(list(requests), self._opts(), lock_wait, self._name_allowed), timeout, "apt-get")
         output = res.stdout + res.stderr
         if res.returncode != 0:
             if "Unable to locate package" in output or "has no installation candidate" in output:
@@ -164,3 +196,133 @@ class AptBackend:
                 raise PackageUnavailable(f"no repository has {', '.join(requests)}", hint=UNAVAILABLE_HINT)
             raise KmodguardError(f"apt-get download failed: {_error_line(res)}")
         return sorted(destdir.glob("*.deb"))
+
+    # --- firmware (issue 14) ---------------------------------------------------------------------
+
+    def _targets(self, timeout: float) -> list[tuple[str, str, str]]:
+        """(identifier, component, file) of every index target apt has for the enabled sources."""
+        res = self._apt(["apt-get", "indextargets", "--format", TARGET_FORMAT], timeout, "apt-get indextargets")
+        if res.returncode != 0:
+            raise KmodguardError(f"apt-get indextargets failed: {_error_line(res)}")
+        return [tuple(line.split("\t")) for line in res.stdout.splitlines() if line.count("\t") == 2]
+
+    def _debian(self) -> bool:
+        try:
+            text = (self.root / "etc/os-release").read_text(errors="replace")
+        except OSError:
+            return False
+        return any(line.strip() in ("ID=debian", 'ID="debian"') for line in text.splitlines())
+
+    def firmware_providers(self, names: list[str], *, cache_only: bool, timeout: float | None = None):
+        """The packages whose Contents entries hold lib/firmware/NAME or usr/lib/firmware/NAME (any
+        compression): apt's own Contents indices (what apt-file reads: Contents-deb targets, fetched
+        by apt-get update once apt-file's configuration enables them), read with apt-helper
+        cat-file. A cache: status and explain reach no network either way."""
+        from . import BY_HAND, FirmwareLookup
+
+        timeout = timeout or self.timeout
+        wanted = {d + n + sfx: n for n in req.firmware_names(names) for d in FIRMWARE_DIRS for sfx in FIRMWARE_SUFFIXES}
+        targets = self._targets(timeout)
+        contents = [f for ident, _, f in targets if ident.startswith("Contents-deb") and os.path.isfile(f)]
+        notes = []
+        providers: dict[str, set[str]] = {}
+        if not contents:
+            notes.append(f"{NO_CONTENTS}: {BY_HAND['apt']}")
+        else:
+            helper = shutil.which("apt-helper") or "/usr/lib/apt/apt-helper"
+            res = run([helper, "cat-file", "--", *contents], timeout, "apt-helper cat-file")
+            if res.returncode != 0:
+                raise KmodguardError(f"apt-helper cat-file could not read the Contents indices: {last_line(res)}")
+            for line in res.stdout.splitlines():
+                fields = line.rsplit(None, 1)  # 'PATH<blanks>section/pkg,section/pkg'
+                if len(fields) != 2:
+                    continue
+                path, where = fields
+                if path in wanted:
+                    for item in where.split(","):
+                        pkg = item.rsplit("/", 1)[-1]
+                        if req.NAME_RE.fullmatch(pkg) and len(pkg) <= req.MAX:
+                            providers.setdefault(wanted[path], set()).add(pkg)
+        components = {c for ident, c, _ in targets if ident == "Packages"}
+        if self._debian() and "non-free-firmware" not in components:
+            notes.append("no enabled APT source has Debian's non-free-firmware component, where its firmware-* "
+                         "packages are: add it to the sources (e.g. 'Components: main non-free-firmware') and run "
+                         "'apt-get update'")
+        versions = self._candidate_versions(sorted(set().union(*providers.values())) if providers else [], timeout)
+        return FirmwareLookup({n: tuple(sorted(p)) for n, p in providers.items()}, versions, "; ".join(notes) or None)
+
+    def _candidate_versions(self, packages: list[str], timeout: float) -> dict:
+        """Each package's candidate version ('' when apt has none)."""
+        if not packages:
+            return {}
+        res = self._apt(["apt-cache", "policy", "--", *packages], timeout, "apt-cache policy")
+        versions, current = {}, None
+        for line in res.stdout.splitlines():
+            if line and not line[0].isspace() and line.endswith(":"):
+                current = line[:-1] if line[:-1] in packages else None
+            elif current and line.strip().startswith("Candidate:"):
+                v = line.split(":", 1)[1].strip()
+                versions[current] = v if req.VERSION_RE.fullmatch(v) else ""
+        return versions
+
+    # --- driver announcements (issue 14) --------------------------------------------------------
+
+    def _package_lists(self, timeout: float) -> list[str]:
+        return [f for ident, _, f in self._targets(timeout) if ident == "Packages" and os.path.isfile(f)]
+
+    def driver_announcements(self, *, cache_only: bool, timeout: float | None = None):
+        """Debian's `Modaliases: module(alias, alias), module2(...)` field (dh_modaliases: DKMS and
+        other driver packages) in apt's package lists, read with apt-helper cat-file: a cache, so
+        nothing reaches the network. Shown as 'provides' (the field is what the package provides)."""
+        from . import Announcement, Announcements
+
+        timeout = timeout or self.timeout
+        lists = self._package_lists(timeout)
+        if not lists:
+            return Announcements((), "apt has no package lists of the enabled sources: run 'apt-get update'")
+        helper = shutil.which("apt-helper") or "/usr/lib/apt/apt-helper"
+        res = run([helper, "cat-file", "--", *lists], timeout, "apt-helper cat-file")
+        if res.returncode != 0:
+            raise KmodguardError(f"apt-helper cat-file could not read the package lists: {last_line(res)}")
+        items = []
+        for stanza in res.stdout.split("\n\n"):
+            if "Modaliases:" not in stanza:
+                continue
+            fields = {}
+            for line in stanza.splitlines():
+                key, sep, value = line.partition(": ")
+                if sep and line[0] not in " \t":
+                    fields[key] = value.strip()
+            name, version = fields.get("Package", ""), fields.get("Version", "")
+            if not (req.NAME_RE.fullmatch(name) and len(name) <= req.MAX and req.VERSION_RE.fullmatch(version)):
+                continue
+            for pattern in modaliases_field(fields.get("Modaliases", "")):
+                items.append(Announcement(name, version, pattern, "provides"))
+        return Announcements(tuple(dict.fromkeys(items)), None)
+
+    def metadata_revision(self) -> str | None:
+        """Which package lists apt holds now (each list file's size and mtime)."""
+        marks = []
+        for f in sorted((self.root / "var/lib/apt/lists").glob("*_Packages*")):
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            marks.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        return f"apt|{self.root}|" + ",".join(marks) if marks else None
+
+
+_MODALIASES_ITEM = re.compile(r"([A-Za-z0-9_-]+)\(([^()]*)\)")
+
+
+def modaliases_field(value: str) -> list[str]:
+    """The patterns of a Modaliases field: 'mod(a1, a2), mod2(a3)'; aliases are separated by ', '
+    (an of: alias may hold a bare ','). Each checked as every announced pattern is."""
+    from .dnf import MODALIAS_PATTERN
+
+    out = []
+    for _module, inner in _MODALIASES_ITEM.findall(value[:65536]):
+        for pattern in (p.strip() for p in inner.split(", ")):
+            if MODALIAS_PATTERN.fullmatch(pattern) and "#" not in pattern:
+                out.append(pattern)
+    return out
