@@ -37,8 +37,11 @@ def c_locale(extra: dict | None = None) -> dict[str, str]:
 
 def run(args: list[str], timeout: float, name: str | None = None, *, env_extra: dict | None = None, cwd=None,
         merge_stderr: bool = False, pass_fds: tuple[int, ...] = (), text: bool = True,
-        timeout_hint: str | None = None) -> subprocess.CompletedProcess:
+        timeout_hint: str | None = None, keep_lines: tuple[bytes, ...] = ()) -> subprocess.CompletedProcess:
     """Run args to completion within timeout seconds.
+
+    keep_lines: keep only the stdout lines that start with one of these prefixes (a command whose
+    whole output is far over OUTPUT_CAP, such as a Contents index, of which a few lines matter).
 
     Returns the CompletedProcess (stdout/stderr as str, or bytes with text=False; stderr is None
     with merge_stderr). Raises KmodguardError when the command cannot be started and
@@ -53,7 +56,7 @@ def run(args: list[str], timeout: float, name: str | None = None, *, env_extra: 
     except OSError as exc:
         raise KmodguardError(f"cannot run {name}: {exc.strerror or exc}") from None
     try:
-        out, err, timed_out = _collect(proc, time.monotonic() + timeout)
+        out, err, timed_out = _collect(proc, time.monotonic() + timeout, keep_lines)
     except BaseException:
         _stop(proc, 0)
         raise
@@ -68,10 +71,21 @@ def run(args: list[str], timeout: float, name: str | None = None, *, env_extra: 
     return subprocess.CompletedProcess(args, proc.returncode, decode(out), None if merge_stderr else decode(err))
 
 
-def _collect(proc: subprocess.Popen, deadline: float) -> tuple[bytes, bytes, bool]:
+def _collect(proc: subprocess.Popen, deadline: float, keep_lines: tuple[bytes, ...] = ()) -> tuple[bytes, bytes, bool]:
     """(stdout, stderr, timed out) read until both pipes end, or EXIT_GRACE after the command
     exited, or the deadline (then the group is stopped and what is buffered is read briefly)."""
     buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()} if proc.stderr else {proc.stdout: bytearray()}
+    partial = bytearray()  # stdout's unfinished line, with keep_lines
+
+    def add(fileobj, chunk: bytes) -> None:
+        nonlocal partial
+        buf = buffers[fileobj]
+        if keep_lines and fileobj is proc.stdout:
+            *lines, rest = (bytes(partial) + chunk).split(b"\n")
+            partial = bytearray(rest if len(rest) < OUTPUT_CAP else b"")
+            chunk = b"".join(line + b"\n" for line in lines if line.startswith(keep_lines))
+        if len(buf) < OUTPUT_CAP:
+            buf += chunk[:OUTPUT_CAP - len(buf)]
     timed_out = False
     drain_until = None
     with selectors.DefaultSelector() as sel:
@@ -93,10 +107,10 @@ def _collect(proc: subprocess.Popen, deadline: float) -> tuple[bytes, bytes, boo
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
                     sel.unregister(key.fileobj)
+                    if keep_lines and key.fileobj is proc.stdout and partial:
+                        add(proc.stdout, b"\n")  # the last line had no newline
                     continue
-                buf = buffers[key.fileobj]
-                if len(buf) < OUTPUT_CAP:
-                    buf += chunk[:OUTPUT_CAP - len(buf)]
+                add(key.fileobj, chunk)
     if proc.poll() is None:  # the pipes closed early and the command still runs: give it the rest of its time
         try:
             proc.wait(timeout=max(deadline - time.monotonic(), 0))

@@ -68,3 +68,17 @@ def test_output_is_capped(monkeypatch):
 def test_a_missing_command_is_a_clear_error():
     with pytest.raises(KmodguardError, match="cannot run nosuchtool: No such file"):
         process.run(["/nonexistent/nosuchtool"], 5, "nosuchtool")
+
+
+def test_keep_lines_keeps_the_wanted_lines_of_output_far_over_the_cap(monkeypatch):
+    # a Contents index is hundreds of MB, of which the firmware lines matter
+    monkeypatch.setattr(process, "OUTPUT_CAP", 4096)
+    script = ("import sys\n"
+              "for i in range(20000): sys.stdout.write(f'usr/bin/tool{i} utils/pkg{i}\\n')\n"
+              "sys.stdout.write('lib/firmware/a.bin non-free-firmware/firmware-a\\n')\n"
+              "for i in range(20000): sys.stdout.write(f'usr/share/doc/x{i} doc/pkg{i}\\n')\n"
+              "sys.stdout.write('lib/firmware/b.bin non-free-firmware/firmware-b')\n")  # no newline at the end
+    res = process.run([sys.executable, "-c", script], 30, keep_lines=(b"lib/firmware/",))
+    assert res.returncode == 0
+    assert res.stdout.splitlines() == ["lib/firmware/a.bin non-free-firmware/firmware-a",
+                                       "lib/firmware/b.bin non-free-firmware/firmware-b"]

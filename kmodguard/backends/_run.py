@@ -13,5 +13,6 @@ SLOW_HINT = ("its output is in the journal; raise timeouts.package_manager in /e
 
 
 def run(args: list[str], timeout: float, name: str, env_extra: dict | None = None,
-        cwd=None) -> subprocess.CompletedProcess:
-    return run_command(args, timeout, name, env_extra=env_extra, cwd=cwd, timeout_hint=SLOW_HINT)
+        cwd=None, keep_lines: tuple[bytes, ...] = ()) -> subprocess.CompletedProcess:
+    return run_command(args, timeout, name, env_extra=env_extra, cwd=cwd, timeout_hint=SLOW_HINT,
+                       keep_lines=keep_lines)

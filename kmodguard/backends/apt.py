@@ -97,6 +97,7 @@ class AptBackend:
         self.firmware_packages = tuple(firmware_packages)
         self.root = Path(root)
         self.timeout = timeout  # for queries and refreshes; an install gets its own
+        self._firmware_cache = None  # _firmware_table, until the lists are refreshed
 
     def _name_allowed(self, name: str) -> bool:
         from ..config import name_matches
@@ -130,6 +131,7 @@ class AptBackend:
     def refresh(self, timeout: float | None = None) -> None:
         """apt-get update in the target root. SignatureRefused when a repository's Release
         signature is refused (apt then drops that repository); KmodguardError when one is unreachable."""
+        self._firmware_cache = None  # the lists change: read the Contents again when asked
         res = self._apt(["apt-get", "-q", "update"], timeout or self.timeout, "apt-get update")
         output = res.stdout + res.stderr
         refused = sorted({a or b for a, b in _SIGNATURE_REFUSED.findall(output)})
@@ -221,35 +223,45 @@ class AptBackend:
         from . import BY_HAND, FirmwareLookup
 
         timeout = timeout or self.timeout
-        wanted = {d + n + sfx: n for n in req.firmware_names(names) for d in FIRMWARE_DIRS for sfx in FIRMWARE_SUFFIXES}
-        targets = self._targets(timeout)
-        contents = [f for ident, _, f in targets if ident.startswith("Contents-deb") and os.path.isfile(f)]
-        notes = []
+        table, components, has_contents = self._firmware_table(timeout)
+        notes = [] if has_contents else [f"{NO_CONTENTS}: {BY_HAND['apt']}"]
         providers: dict[str, set[str]] = {}
-        if not contents:
-            notes.append(f"{NO_CONTENTS}: {BY_HAND['apt']}")
-        else:
-            helper = shutil.which("apt-helper") or "/usr/lib/apt/apt-helper"
-            res = run([helper, "cat-file", "--", *contents], timeout, "apt-helper cat-file")
-            if res.returncode != 0:
-                raise KmodguardError(f"apt-helper cat-file could not read the Contents indices: {last_line(res)}")
-            for line in res.stdout.splitlines():
-                fields = line.rsplit(None, 1)  # 'PATH<blanks>section/pkg,section/pkg'
-                if len(fields) != 2:
-                    continue
-                path, where = fields
-                if path in wanted:
-                    for item in where.split(","):
-                        pkg = item.rsplit("/", 1)[-1]
-                        if req.NAME_RE.fullmatch(pkg) and len(pkg) <= req.MAX:
-                            providers.setdefault(wanted[path], set()).add(pkg)
-        components = {c for ident, c, _ in targets if ident == "Packages"}
+        for n in req.firmware_names(names):
+            for path in (d + n + sfx for d in FIRMWARE_DIRS for sfx in FIRMWARE_SUFFIXES):
+                if path in table:
+                    providers.setdefault(n, set()).update(table[path])
         if self._debian() and "non-free-firmware" not in components:
             notes.append("no enabled APT source has Debian's non-free-firmware component, where its firmware-* "
                          "packages are: add it to the sources (e.g. 'Components: main non-free-firmware') and run "
                          "'apt-get update'")
         versions = self._candidate_versions(sorted(set().union(*providers.values())) if providers else [], timeout)
         return FirmwareLookup({n: tuple(sorted(p)) for n, p in providers.items()}, versions, "; ".join(notes) or None)
+
+    def _firmware_table(self, timeout: float) -> tuple[dict[str, set[str]], set[str], bool]:
+        """Every firmware path of the Contents indices and its packages, the enabled components, and
+        whether there are Contents indices at all: read once per backend (a Contents index is tens
+        of MB; `explain -` over thousands of modaliases asks for many modules' firmware)."""
+        if self._firmware_cache is None:
+            targets = self._targets(timeout)
+            contents = [f for ident, _, f in targets if ident.startswith("Contents-deb") and os.path.isfile(f)]
+            table: dict[str, set[str]] = {}
+            if contents:
+                helper = shutil.which("apt-helper") or "/usr/lib/apt/apt-helper"
+                # a Contents index is hundreds of MB: only its firmware lines are kept
+                res = run([helper, "cat-file", "--", *contents], timeout, "apt-helper cat-file",
+                          keep_lines=tuple(d.encode() for d in FIRMWARE_DIRS))
+                if res.returncode != 0:
+                    raise KmodguardError(f"apt-helper cat-file could not read the Contents indices: {last_line(res)}")
+                for line in res.stdout.splitlines():
+                    fields = line.rsplit(None, 1)  # 'PATH<blanks>section/pkg,section/pkg'
+                    if len(fields) != 2:
+                        continue
+                    path, where = fields
+                    pkgs = {item.rsplit("/", 1)[-1] for item in where.split(",")}
+                    table[path] = {p for p in pkgs if req.NAME_RE.fullmatch(p) and len(p) <= req.MAX}
+            components = {c for ident, c, _ in targets if ident == "Packages"}
+            self._firmware_cache = (table, components, bool(contents))
+        return self._firmware_cache
 
     def _candidate_versions(self, packages: list[str], timeout: float) -> dict:
         """Each package's candidate version ('' when apt has none)."""
