@@ -98,3 +98,33 @@ def test_a_backend_that_cannot_ask_says_how_to_find_the_package_by_hand():
     assert apt.providers == {} and "apt-file search" in apt.note and "non-free-firmware" in apt.note
     other = firmware_lookup(type("Other", (), {"name": "pacman"})(), ["a.bin"], cache_only=True)
     assert other.providers == {} and "cannot yet ask pacman" in other.note and "/lib/firmware/NAME" in other.note
+
+
+def test_a_package_manager_that_fails_is_asked_once_per_command(tmp_path, monkeypatch):
+    # `explain -` over thousands of modaliases needs many modules' firmware: a failing (or
+    # timing-out) package manager must not be run again for each of them
+    from kmodguard.config import Config
+    from kmodguard.engine import api
+    from kmodguard.engine.environment import Environment
+    from kmodguard.errors import KmodguardError
+    from kmodguard.paths import Paths
+
+    calls = []
+
+    class Failing:
+        name = "apt"
+
+        def firmware_providers(self, names, *, cache_only):
+            calls.append(names)
+            raise KmodguardError("apt-get indextargets failed: E: broken lists")
+
+    paths = Paths.from_environment({}, root=str(tmp_path), kver="6.1.0-1-amd64", modules_dir=str(tmp_path / "m"),
+                                   index_dir=str(tmp_path / "i"), state_dir=str(tmp_path / "s"),
+                                   config_dir=str(tmp_path / "c"))
+    env = Environment(None, None, True, tmp_path / "m", False, "apt-get")
+    engine = api.Engine(paths, Config(), env)
+    monkeypatch.setattr(engine, "backend", lambda name=None: Failing())
+    for names in (["a.bin"], ["b.bin"], ["c.bin"]):
+        with pytest.raises(KmodguardError, match="broken lists"):
+            engine.diagnoser.firmware_lookup(names)
+    assert calls == [["a.bin"]]

@@ -38,6 +38,7 @@ class Engine:
         self.env = pending()
         self.online = online
         self._firmware_backend = None
+        self._firmware_failed: KmodguardError | None = None
         self.diagnoser = Diagnoser(paths, self.policy, self.env)
         self.diagnoser.firmware_lookup = self._firmware_lookup
         self.diagnoser.repository_lookup = self._repository_lookup
@@ -67,9 +68,15 @@ class Engine:
         (only a module whose firmware is all absent costs a query)."""
         from ..backends import firmware_lookup
 
-        if self._firmware_backend is None:
-            self._firmware_backend = self.backend()  # KmodguardError: becomes the need's note
-        return firmware_lookup(self._firmware_backend, names, cache_only=not self.online)
+        if self._firmware_failed is not None:  # asked once: `explain -` may need hundreds of modules' firmware
+            raise self._firmware_failed
+        try:
+            if self._firmware_backend is None:
+                self._firmware_backend = self.backend()
+            return firmware_lookup(self._firmware_backend, names, cache_only=not self.online)
+        except KmodguardError as exc:  # becomes the need's note
+            self._firmware_failed = exc
+            raise
 
     # --- judging ---------------------------------------------------------------------------
 
