@@ -18,6 +18,7 @@ from typing import NamedTuple
 from ..config import Config
 from ..devices import INTENTIONAL_DRIVERS, Device
 from ..errors import InvalidInput, KmodError, KmodguardError
+from ..index import modinfo
 from ..index.store import KernelIndex, PackageIndex
 from ..kmod import Context
 from ..paths import Paths
@@ -160,6 +161,7 @@ class Diagnoser:
         self.repository_lookup = None
         self._repository = None
         self._need_memo: dict[tuple[str, tuple[str, ...]], FirmwareNeed | None] = {}
+        self._installed_firmware_names: dict[str, tuple[str, ...]] = {}  # module path -> firmware it names
         self._fw_present: frozenset[str] | None = None
         self._loaded: frozenset[str] | None = None
 
@@ -332,10 +334,15 @@ class Diagnoser:
         """The firmware an installed module names, read from the module file itself."""
         if not path or self.installed is None:
             return None
-        try:
-            firmware = self.installed.module_info(path).firmware
-        except (KmodError, OSError):
-            return None
+        firmware = self._installed_firmware_names.get(path)
+        if firmware is None:
+            # the ELF section first: libkmod also verifies the signature (most of a lookup's time)
+            info = modinfo.read(path)
+            try:
+                firmware = (info or self.installed.module_info(path)).firmware
+            except (KmodError, OSError):
+                firmware = ()
+            self._installed_firmware_names[path] = firmware
         return self._firmware_need(module, firmware)
 
     def _firmware_need(self, module: str, firmware: tuple[str, ...]) -> FirmwareNeed | None:
