@@ -177,10 +177,7 @@ def make_base_root(dest: Path, debs: Debs) -> Path:
     """The Debian root with linux-modules-KVER installed (dpkg --root) and depmod'ed."""
     root = extract_root(dest)
     _run(["dpkg", "--root", str(root), "-i", str(debs.modules)])
-    mdir = root / "lib/modules" / KVER
-    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
-        (mdir / f).touch()
-    _run(["depmod", "-b", str(root), KVER])
+    synthetic.depmod(root, KVER)  # no built-in modules: the packages ship none
     return root
 
 

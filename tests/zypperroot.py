@@ -147,10 +147,7 @@ def make_base_root(root: Path, repo: Path, key: rpmbuild.TestKey) -> Path:
     write_repo(root, f"file://{repo}", key)
     zypper(root, "refresh")
     zypper(root, "install", "--no-recommends", "--", f"kernel-default-base = {EVR}")
-    mdir = root / "lib/modules" / KVER
-    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
-        (mdir / f).touch()
-    _run(["depmod", "-b", str(root), KVER])
+    synthetic.depmod(root, KVER)  # no built-in modules: the packages ship none
     return root
 
 

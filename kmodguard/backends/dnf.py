@@ -272,40 +272,39 @@ class DnfBackend:
                 notes.append(f"{self.name} ignored some repositories (no cached metadata: run '{self.name} makecache')")
         return Announcements(tuple(dict.fromkeys(items)), "; ".join(notes) or None)
 
-    def metadata_revision(self) -> str | None:
-        """Which repository metadata dnf's cache holds now (each repomd.xml's path, size, mtime):
-        what the repositories announce is cached per this, and re-read when it changes."""
+    def _cached_repodata(self) -> list[tuple[str, str]]:
+        """(cache directory name, its repodata directory) for each repository in dnf's cache."""
         top = self.root / CACHE_DIRS[self.name]
-        marks = []
         try:
             entries = sorted(os.scandir(top), key=lambda e: e.name)
         except OSError:
-            return None
-        for entry in entries:
+            return []
+        return [(e.name, os.path.join(e.path, "repodata")) for e in entries]
+
+    def metadata_revision(self) -> str | None:
+        """Which repository metadata dnf's cache holds now (each repomd.xml's path, size, mtime):
+        what the repositories announce is cached per this, and re-read when it changes."""
+        marks = []
+        for name, repodata in self._cached_repodata():
             try:
-                st = os.stat(os.path.join(entry.path, "repodata", "repomd.xml"))
+                st = os.stat(os.path.join(repodata, "repomd.xml"))
             except OSError:
                 continue
-            marks.append(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}")
+            marks.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
         return f"{self.name}|{self.root}|" + ",".join(marks) if marks else None
 
     def repos_without_filelists(self) -> list[str]:
         """Repositories whose cached metadata (repomd.xml) came without the file lists."""
-        top = self.root / CACHE_DIRS[self.name]
         bare = []
-        try:
-            entries = sorted(os.scandir(top), key=lambda e: e.name)
-        except OSError:
-            return bare
-        for entry in entries:
-            repodata = os.path.join(entry.path, "repodata")
+        for name, repodata in self._cached_repodata():
             try:
                 files = os.listdir(repodata)
             except OSError:
                 continue
             if "repomd.xml" in files and not any("filelists" in f for f in files):
-                bare.append(entry.name.rsplit("-", 1)[0])
+                bare.append(name.rsplit("-", 1)[0])
         return bare
+
 
 # what dnf 4 and dnf5 print when a package's signature is refused
 SIGNATURE_REFUSED = ("GPG check FAILED", "is not signed", "Public key for",
