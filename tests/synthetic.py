@@ -63,14 +63,17 @@ def build_module(m: Module, moddir: Path, workdir: Path) -> Path:
     return dest_dir / m.filename
 
 
-def depmod(root: Path, kver: str = KVER, builtin: dict[str, tuple[str, ...]] | None = None) -> Path:
-    """Run the real depmod on root/lib/modules/kver; builtin maps module -> aliases built into vmlinuz."""
+def depmod(root: Path, kver: str = KVER, builtin: dict[str, tuple[str, ...]] | None = None,
+           builtin_firmware: dict[str, tuple[str, ...]] | None = None) -> Path:
+    """Run the real depmod on root/lib/modules/kver; builtin maps module -> aliases built into vmlinuz,
+    builtin_firmware module -> the firmware it names (modules.builtin.modinfo, as the kernel build writes it)."""
     mdir = root / "lib" / "modules" / kver
     mdir.mkdir(parents=True, exist_ok=True)
     builtin = builtin or {}
     (mdir / "modules.builtin").write_text("".join(f"kernel/builtin/{n}.ko\n" for n in builtin))
     (mdir / "modules.builtin.modinfo").write_bytes(b"".join(
-        f"{n}.alias={a}\0".encode() for n, aliases in builtin.items() for a in aliases))
+        f"{n}.alias={a}\0".encode() for n, aliases in builtin.items() for a in aliases) + b"".join(
+        f"{n}.firmware={f}\0".encode() for n, names in (builtin_firmware or {}).items() for f in names))
     (mdir / "modules.order").touch()
     empty = root / ".depmod.d"
     empty.mkdir(exist_ok=True)

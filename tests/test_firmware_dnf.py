@@ -146,3 +146,40 @@ def test_the_allow_list_decides_which_package_is_offered(machine):
     assert [p["request"] for p in plan["install"]] == [REQ]
     dev = gpu_status(kmg)
     assert "not in firmware_packages" in dev["reason"]
+
+
+BUILTIN = "pci:v0000BBBBd00000007sv00000000sd00000000bc03sc00i00"
+
+
+def test_a_built_in_driver_without_its_firmware_gets_its_firmware_package_and_a_re_probe(machine, tmp_path):
+    """kmg_bfw is built into the kernel (modules.builtin.modinfo names kmg/gpu_absent.bin): only
+    the firmware package can help, and nothing is loaded."""
+    kmg, root = machine
+    synthetic.depmod(root, KVER, builtin={"kmg_bfw": ("pci:v0000BBBBd00000007sv*sd*bc*sc*i*",)},
+                     builtin_firmware={"kmg_bfw": ("kmg/gpu_absent.bin",)})
+    assert dnf(root, "makecache").returncode == 0
+    record = (f"P: /devices/pci0000:00/0000:00:07.0\nE: SUBSYSTEM=pci\nE: MODALIAS={BUILTIN}\n"
+              f"E: PCI_SLOT_NAME=0000:00:07.0\nA: modalias={BUILTIN}\nA: driver_override=(null)\n\n")
+    (tmp_path / "builtin").mkdir()
+    dev_kmg = kmg.with_devices(record, tmp_path / "builtin")
+    (dev,) = dev_kmg("status", "--json", "--kver", KVER, check_code=3).json["devices"]
+    assert dev["verdict"] == "loadable" and dev["builtin"] is True, dev
+    assert [p["package"] for p in dev["firmware"]["packages"]] == ["kmg-gpu-firmware"]
+    assert dev["firmware"]["module"] == "kmg_bfw" and dev["firmware"]["files_named"] == 1
+    assert "built-in driver kmg_bfw matches but did not bind it: kmg_bfw needs firmware from kmg-gpu-firmware" \
+        in dev["reason"]
+    plan = dev_kmg("fix", "--dry-run", "--json", "--kver", KVER, check_code=3).json
+    assert [(p["request"], p["kind"], p["for"]) for p in plan["install"]] == [
+        ("kmg-gpu-firmware", "firmware", ["kmg_bfw"])]
+    assert plan["load"] == [] and plan["devices"][0]["action"] == "install"
+    before = installed(root)
+    res = dev_kmg("fix", "--yes", "--json", "--kver", KVER)
+    assert res.returncode == 6, res.stdout + res.stderr  # installed and re-probed; nothing binds a fake device
+    assert sorted(set(installed(root)) - set(before)) == ["kmg-gpu-firmware-20261201-1"]
+    assert (root / "usr/lib/firmware/kmg/gpu_absent.bin.xz").is_file()
+    steps = {s["step"]: s["result"] for s in res.json["steps"]}
+    assert steps["load"] == "skipped" and steps["depmod"] == "skipped", steps  # a built-in driver loads nothing
+    assert res.json["outcomes"][0]["outcome"] == "still-unbound", res.json["outcomes"]
+    assert res.json["outcomes"][0]["reason"].startswith("kmg_bfw is built in but did not bind")
+    (dev,) = dev_kmg("status", "--json", "--kver", KVER, check_code=3).json["devices"]
+    assert "firmware" not in dev and "see 'dmesg'" in dev["reason"]  # its firmware is on disk now

@@ -1,6 +1,7 @@
 """Firmware names are data (a module's modinfo): checked before a package manager hears them; and
 what the kernel log says about firmware it could not load, after a fix loaded the module."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,21 @@ def test_a_package_manager_that_fails_is_asked_once_per_command(tmp_path, monkey
         with pytest.raises(KmodguardError, match="broken lists"):
             engine.diagnoser.firmware_lookup(names)
     assert calls == [["a.bin"]]
+
+
+def test_a_built_in_modules_firmware_is_read_from_modules_builtin_modinfo_and_bad_files_are_empty(tmp_path):
+    from kmodguard.index.modinfo import builtin_firmware
+
+    (tmp_path / "modules.builtin.modinfo").write_bytes(
+        b"kmg_bfw.alias=pci:v0000BBBBd*\0kmg_bfw.firmware=kmg/a.bin\0kmg-dash.firmware=kmg/b.bin\0"
+        b"kmg_bfw.firmware=kmg/c.bin\0kmg_bfw.firmware=kmg/a.bin\0nodot\0other.firmware=\0")
+    assert builtin_firmware(tmp_path) == {"kmg_bfw": ("kmg/a.bin", "kmg/c.bin"), "kmg_dash": ("kmg/b.bin",)}
+    assert builtin_firmware(tmp_path / "absent") == {}
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "modules.builtin.modinfo")  # never opened for reading: no hang
+    assert builtin_firmware(fifo) == {}
+    link = tmp_path / "link"
+    link.mkdir()
+    (link / "modules.builtin.modinfo").symlink_to(tmp_path / "modules.builtin.modinfo")
+    assert builtin_firmware(link) == {}  # the last component is not followed

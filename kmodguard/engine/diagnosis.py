@@ -23,7 +23,7 @@ from ..index.store import KernelIndex, PackageIndex
 from ..kmod import Context
 from ..paths import Paths
 from .environment import Environment
-from .firmware import FirmwareNeed, Lookup, resolve as resolve_firmware
+from .firmware import FirmwareNeed, Lookup, from_announcements, resolve as resolve_firmware
 
 VERDICTS = ("bound", "ignored", "loadable", "missing", "unindexed", "unknown")
 NEEDS_ACTION = frozenset({"loadable", "missing"})
@@ -162,6 +162,7 @@ class Diagnoser:
         self._repository = None
         self._need_memo: dict[tuple[str, tuple[str, ...]], FirmwareNeed | None] = {}
         self._installed_firmware_names: dict[str, tuple[str, ...]] = {}  # module path -> firmware it names
+        self._builtin_firmware: dict[str, tuple[str, ...]] | None = None  # built-in module -> its firmware
         self._fw_present: frozenset[str] | None = None
         self._loaded: frozenset[str] | None = None
 
@@ -237,7 +238,7 @@ class Diagnoser:
             names = [n for n, _ in installed]
             installed_blocked = self._blocked(names, package=None)
             if len(installed_blocked) < len(names):
-                return self._installed_verdict(installed, installed_blocked)
+                return self._installed_verdict(modalias, installed, installed_blocked)
             # every installed match is blacklisted: a not-installed package may still hold one kmod would load
             return self._all_installed_blocked(modalias, names, installed_blocked)
         if self.no_module_support:
@@ -259,33 +260,42 @@ class Diagnoser:
             return self._or_repository(modalias, Verdict(
                 "unknown", f"no module in the installed tree or in the indexed packages ({names}) matches: "
                            f"this kernel has no driver for it"))
-        return self._candidates_verdict(found)
+        return self._candidates_verdict(modalias, found)
 
     def _or_repository(self, modalias: str, verdict: Verdict) -> Verdict:
         """Nothing of the kernel's own drives it: does a repository announce a driver package?"""
         found = self._repository_candidates(modalias)
         if not found:
+            firmware = [a.package for a in self._announced(modalias) if self.config.firmware_allowed(a.package)]
+            if firmware:  # SUSE's firmware packages supplement the devices of drivers that load their files
+                return verdict._replace(reason=f"{verdict.reason.rstrip('.')} ({', '.join(firmware)} announces it "
+                                               "in the repository metadata, but is firmware: a driver must load it)")
             return verdict
         candidate, how, pattern = found[0]
         reason = (f"{verdict.reason.rstrip('.')}; but the repositories announce {candidate.package} {candidate.version} "
                   f"for it (its metadata {how} modalias({pattern}))")
         return Verdict("missing", reason, candidates=tuple(c for c, _, _ in found))
 
-    def _repository_candidates(self, modalias: str) -> list[tuple[Candidate, str, str]]:
-        """(candidate, how, pattern) for each repository package announcing this modalias."""
+    def _announced(self, modalias: str) -> list:
+        """The repository packages whose metadata announces this modalias (asked once a Diagnoser)."""
         if self.repository_lookup is None:
             return []
         if self._repository is None:
             try:
-                self._repository = self.repository_lookup() or False  # asked once a Diagnoser
+                self._repository = self.repository_lookup() or False
             except (KmodguardError, OSError):
                 self._repository = False  # no package manager to ask: the kernel's own verdict stands
-        if not self._repository:
-            return []
+        return self._repository.lookup(modalias) if self._repository else []
+
+    def _repository_candidates(self, modalias: str) -> list[tuple[Candidate, str, str]]:
+        """(candidate, how, pattern) for each driver package announcing this modalias; a firmware
+        package (firmware_packages) that announces it serves a driver, it is not one."""
         from .. import requests
 
         out = []
-        for a in self._repository.lookup(modalias):
+        for a in self._announced(modalias):
+            if self.config.firmware_allowed(a.package):
+                continue
             try:
                 request = requests.build(requests.NAME_VERSION, a.package, self.paths.kver, a.version)
             except InvalidInput:
@@ -299,23 +309,29 @@ class Diagnoser:
         listed = "; ".join(f"{n} ({why})" for n, why in blocked.items())
         found = self.index.lookup(modalias) if self.index.exists else []
         if found:
-            return self._candidates_verdict(found, installed=names, installed_blocked=blocked)
+            return self._candidates_verdict(modalias, found, installed=names, installed_blocked=blocked)
         unsure = "" if self.index.exists and not self.index.errors else \
             (f" (no usable index for kernel {self.paths.kver}: a package that is not installed may hold "
              "another driver; build one with 'kmodguard index build')")
         return Verdict("ignored", f"every matching module is blacklisted: {listed}{unsure}",
                        installed_modules=names, blacklisted=sorted(blocked))
 
-    def _installed_verdict(self, installed: list[tuple[str, str | None]], blocked: dict[str, str]) -> Verdict:
+    def _installed_verdict(self, modalias: str, installed: list[tuple[str, str | None]],
+                           blocked: dict[str, str]) -> Verdict:
         names = [n for n, _ in installed]
         usable = [(n, p) for n, p in installed if n not in blocked]
         builtin = any(p is None for _, p in usable)
         vendor = any(p and any(v in p for v in VENDOR_DIRS) for _, p in usable)
         loaded = [n for n, _ in usable if n in self._loaded_modules()]
         first = usable[0][0]
-        need = None if builtin else self._installed_firmware(*usable[0])
-        if builtin:
-            reason = f"built-in driver {first} matches but did not bind it: see 'dmesg' for why"
+        inside = next((n for n, p in usable if p is None), None)  # a built-in match
+        need = self._installed_firmware(modalias, inside, None) if builtin else self._installed_firmware(
+            modalias, *usable[0])
+        if builtin and need and need.packages:
+            reason = (f"built-in driver {inside} matches but did not bind it: {need.sentence()}; 'kmodguard fix' "
+                      "installs it and re-probes the device")
+        elif builtin:
+            reason = f"built-in driver {inside} matches but did not bind it: see 'dmesg' for why"
         elif need and need.packages:
             state = "is loaded but did not bind it" if first in self._loaded_modules() else "matches"
             reason = (f"{first} {state}: {need.sentence()}; 'kmodguard fix' installs it, "
@@ -330,10 +346,15 @@ class Diagnoser:
         return Verdict("loadable", reason, installed_modules=names, builtin=builtin, vendor=vendor,
                        blacklisted=sorted(blocked), firmware=need)
 
-    def _installed_firmware(self, module: str, path: str | None) -> FirmwareNeed | None:
-        """The firmware an installed module names, read from the module file itself."""
-        if not path or self.installed is None:
+    def _installed_firmware(self, modalias: str, module: str, path: str | None) -> FirmwareNeed | None:
+        """The firmware an installed module names, read from the module file itself (a built-in
+        one's, path None, from modules.builtin.modinfo)."""
+        if self.installed is None:
             return None
+        if path is None:
+            if self._builtin_firmware is None:
+                self._builtin_firmware = modinfo.builtin_firmware(self.paths.installed_modules)
+            return self._firmware_need(module, self._builtin_firmware.get(module, ()), modalias)
         firmware = self._installed_firmware_names.get(path)
         if firmware is None:
             # the ELF section first: libkmod also verifies the signature (most of a lookup's time)
@@ -343,14 +364,17 @@ class Diagnoser:
             except (KmodError, OSError):
                 firmware = ()
             self._installed_firmware_names[path] = firmware
-        return self._firmware_need(module, firmware)
+        return self._firmware_need(module, firmware, modalias)
 
-    def _firmware_need(self, module: str, firmware: tuple[str, ...]) -> FirmwareNeed | None:
+    def _firmware_need(self, module: str, firmware: tuple[str, ...], modalias: str) -> FirmwareNeed | None:
         key = (module, tuple(firmware))
         if key not in self._need_memo:
             self._need_memo[key] = resolve_firmware(module, tuple(firmware), self._firmware_present(),
                                                     self.firmware_lookup, self.config)
-        return self._need_memo[key]
+        need = self._need_memo[key]
+        if need is not None and not need.packages:  # the file lists did not say: did a package announce it?
+            return from_announcements(need, self._announced(modalias), self.config)
+        return need
 
     def _blocked(self, names: list[str], package: PackageIndex | None) -> dict[str, str]:
         blocked = {}
@@ -363,7 +387,8 @@ class Diagnoser:
                 blocked[n] = "excluded by policy (ignore.modules)"
         return blocked
 
-    def _candidates_verdict(self, found: list[tuple[PackageIndex, list[str]]], installed: list[str] = (),
+    def _candidates_verdict(self, modalias: str, found: list[tuple[PackageIndex, list[str]]],
+                            installed: list[str] = (),
                             installed_blocked: dict[str, str] | None = None) -> Verdict:
         """installed: matching installed modules, all of them blacklisted (installed_blocked says why)."""
         candidates, blocked_all = [], dict(installed_blocked or {})
@@ -373,7 +398,7 @@ class Diagnoser:
             for m in modules:
                 if m not in blocked:
                     record = pkg.modules.get(m)
-                    need = self._firmware_need(m, record.firmware) if record and record.firmware else None
+                    need = self._firmware_need(m, record.firmware, modalias) if record and record.firmware else None
                     candidates.append(Candidate(m, pkg.name, pkg.version, pkg.request,
                                                 self._firmware_missing(pkg, m), need))
         if not candidates:

@@ -95,3 +95,17 @@ def smallest_cover(sets: dict[str, set[str]]) -> tuple[str, ...]:
         chosen.append(best)
         left -= sets[best]
     return tuple(sorted(chosen))
+
+
+def from_announcements(need: FirmwareNeed, announced: list, config: Config) -> FirmwareNeed:
+    """When the file lists cannot say (libzypp reads no filelists.xml), the firmware packages
+    themselves may: SUSE's kernel-firmware-* carry 'Supplements: modalias(...)' for the devices
+    whose drivers load their files. Allow-listed ones that announce this device fill the need."""
+    found = [a for a in announced if a.how == "supplements" and config.firmware_allowed(a.package)]
+    if not found:
+        return need
+    packages = tuple(dict.fromkeys((a.package, a.version) for a in found))
+    names = ", ".join(p for p, _ in packages)
+    return need._replace(packages=packages, covered=0, note=(
+        f"the repository metadata of {names} supplements this device (modalias({found[0].pattern})); which of "
+        f"the module's files it holds, the metadata does not say"))

@@ -107,7 +107,7 @@ def make_plan(kernel: str, judged: list[tuple[Device, Verdict]], config: Config,
             if why and action.module:
                 critical[action.module] = why
                 action = action._replace(boot_critical=why)
-            if action.module:  # None: a repository's package; its module is known once installed
+            if action.module and not verdict.builtin:  # None: a repository's package; its module is known once installed
                 load[action.module] = None
             # the module's package and its firmware packages: all in the one transaction
             for r in ([request] if request is not None else []) + _firmware_requests(action.module, verdict, config):
@@ -143,10 +143,16 @@ def _action(device: Device, verdict: Verdict, config: Config,
     base = dict(id=device.id, syspath=device.syspath, subsystem=device.subsystem, modalias=device.modalias,
                 verdict=verdict.verdict)
     if verdict.verdict == "loadable":
-        if verdict.builtin:
-            return DeviceAction(**base, action="none", module=verdict.installed_modules[0], package=None,
-                                reason="a built-in driver matches and did not bind: loading cannot help; see dmesg"), None
         usable = [m for m in verdict.installed_modules if m not in verdict.blacklisted]
+        if verdict.builtin:
+            inside = verdict.firmware.module if verdict.firmware else usable[0]
+            fw = [r.package for r in _firmware_requests(inside, verdict, config)]
+            if fw:  # the driver is in the kernel already: its firmware, then a re-probe
+                return DeviceAction(**base, action="install", module=inside, package=fw[0],
+                                    reason=f"install {', '.join(fw)} for the firmware of the built-in driver "
+                                           f"{inside} and re-probe the device"), None
+            return DeviceAction(**base, action="none", module=inside, package=None,
+                                reason="a built-in driver matches and did not bind: loading cannot help; see dmesg"), None
         fw = [r.package for r in _firmware_requests(usable[0], verdict, config)]
         if fw:
             return DeviceAction(**base, action="install", module=usable[0], package=fw[0],

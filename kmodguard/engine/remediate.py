@@ -152,8 +152,10 @@ class Remediation:
             self._step("depmod", "skipped", "the module index already has every module", t)
 
         # a repository's driver package names no module: the installed tree now says which one
+        announced = {a.id for a in acting if a.module is None}
         acting = self._announced_modules(acting)
-        to_load = list(dict.fromkeys([*plan.load, *(a.module for a in acting if a.module)]))
+        # plan.load has every module to load (a built-in driver is not one: its device is only re-probed)
+        to_load = list(dict.fromkeys([*plan.load, *(a.module for a in acting if a.id in announced and a.module)]))
 
         # 3. load
         t = time.monotonic()
@@ -172,7 +174,8 @@ class Remediation:
         # 4. re-probe each device and check that it is bound
         t = time.monotonic()
         self.progress("step probe: re-probing the devices")
-        outcomes = [self._probe(d, load_errors) for d in acting]
+        built_in = {a.module for a in acting if a.module and a.module not in to_load}
+        outcomes = [self._probe(d, load_errors, d.module in built_in) for d in acting]
         bound = sum(o.outcome == "now-bound" for o in outcomes)
         self._step("probe", "done" if bound == len(outcomes) else "failed", f"{bound}/{len(outcomes)} bound", t)
 
@@ -229,7 +232,7 @@ class Remediation:
         if res.returncode != 0:
             raise KmodguardError(f"depmod failed: {res.stderr.strip()}")
 
-    def _probe(self, action, load_errors: dict[str, str]) -> Outcome:
+    def _probe(self, action, load_errors: dict[str, str], built_in: bool = False) -> Outcome:
         driver = _driver(action.syspath)
         if driver:
             return Outcome(action.id, action.syspath, "now-bound", driver, f"bound to {driver}")
@@ -253,14 +256,15 @@ class Remediation:
             time.sleep(0.05)
         needles = [action.module, os.path.basename(action.syspath)]
         firmware = firmware_failures(self.paths.kmsg, needles)
+        state = "is built in" if built_in else "is loaded"
         if firmware:
             return Outcome(action.id, action.syspath, "still-unbound", None,
-                           f"{action.module} is loaded but did not bind: the kernel could not load its firmware "
+                           f"{action.module} {state} but did not bind: the kernel could not load its firmware "
                            f"{', '.join(firmware)}; install the package that has it ('kmodguard explain' names "
                            "it when the repositories do), then run 'kmodguard fix' again", firmware)
         why = kernel_reason(self.paths.kmsg, needles)
         return Outcome(action.id, action.syspath, "still-unbound", None,
-                       f"{action.module} is loaded but did not bind" + (f": the kernel says {why!r}" if why else
+                       f"{action.module} {state} but did not bind" + (f": the kernel says {why!r}" if why else
                                                                        "; see 'dmesg'"))
 
     def _before_transaction(self, plan: Plan) -> None:

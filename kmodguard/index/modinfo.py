@@ -78,3 +78,25 @@ def _modinfo_section(fd: int) -> tuple[bytes | None, int]:
     _, _, _, _, offset, length = found[0]
     data = os.pread(fd, length, offset)
     return (data if len(data) == length else None), size
+
+
+BUILTIN_MODINFO_CAP = 16 << 20  # Debian's is 0.4 MiB: all of vmlinux's modinfo strings
+
+
+def builtin_firmware(module_dir) -> dict[str, tuple[str, ...]]:
+    """The firmware each built-in module names, from modules.builtin.modinfo (NUL-separated
+    'module.key=value' strings that the kernel build writes); {} when the file is absent or bad."""
+    from ..errors import KmodguardError
+    from ..fsutil import read_capped
+
+    try:
+        data = read_capped(os.path.join(module_dir, "modules.builtin.modinfo"), BUILTIN_MODINFO_CAP)
+    except (KmodguardError, OSError):
+        return {}
+    out: dict[str, list[str]] = {}
+    for entry in data.split(b"\0"):
+        name, dot, rest = entry.partition(b".")
+        if dot and rest.startswith(b"firmware=") and len(rest) > 9:
+            out.setdefault(name.decode("ascii", "replace").replace("-", "_"), []).append(
+                rest[9:].decode("utf-8", "surrogateescape"))
+    return {name: tuple(dict.fromkeys(fw)) for name, fw in out.items()}
