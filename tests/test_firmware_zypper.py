@@ -29,7 +29,9 @@ FW = "/lib/firmware/kmg/"
 THIRD = "pci:v0000EEEEd00000009sv00000000sd00000000bc02sc00i00"
 FLAVOURED = "pci:v0000EEEEd00000012sv00000000sd00000000bc03sc00i00"
 ENCODED = "of:NkmgT(null)Cacme,kmg-chip"  # supplemented as modalias(kernel-default:of:N*T*Cacme%2Ckmg-chip)
-POLICY = ('backend = "zypper"\nfirmware_packages = ["kernel-firmware-kmg", "kernel-firmware-hidden"]\n'
+SUPPLEMENTED = "pci:v0000EEEEd00000013sv00000000sd00000000bc03sc00i00"  # only a firmware package announces it
+POLICY = ('backend = "zypper"\nfirmware_packages = ["kernel-firmware-kmg", "kernel-firmware-hidden", '
+          '"kernel-firmware-kmgsup"]\n'
           "[timeouts]\nsettle = 0.2\nlock_wait = 2\npackage_manager = 120\n")
 
 
@@ -59,7 +61,14 @@ def suse(tmp_path_factory):
     # the same, but no package names a firmware file in primary.xml
     bare = base / "bare"
     zypperroot.publish(bare, [pkgs.base, pkgs.default, pkgs.extra, extra[1]], key)
-    yield pkgs, root, bare, key
+    # SUSE's way: the firmware file only in filelists.xml, the package supplementing the devices of
+    # the driver that loads it; metadata zstd-compressed, as Tumbleweed's is
+    sup = base / "supplemented"
+    kmgsup = rpmbuild.build_rpm(out, "kernel-firmware-kmgsup", "20261202", files={FW + "gpu_absent.bin.xz": b"fw-b"},
+                                supplements=("modalias(pci:v0000BBBBd00000001sv*sd*bc03sc*i*)",
+                                             "modalias(pci:v0000EEEEd00000013sv*sd*bc03sc*i*)"), sign=key)
+    zypperroot.publish(sup, [pkgs.base, pkgs.default, pkgs.extra, kmgsup], key, compress="zstd")
+    yield pkgs, root, {"bare": bare, "supplemented": sup}, key
     rpmbuild.stop_agent(key)
 
 
@@ -112,8 +121,8 @@ def test_status_names_the_firmware_package_zypper_knows(machine):
 
 def test_a_firmware_file_only_in_filelists_is_invisible_to_zypper_and_the_note_says_so(machine, suse):
     kmg, root = machine
-    _, _, bare, key = suse
-    zypperroot.write_repo(root, f"file://{bare}", key)
+    _, _, repos, key = suse
+    zypperroot.write_repo(root, f"file://{repos['bare']}", key)
     zypperroot.zypper(root, "refresh")
     need = gpu_status(kmg)["candidates"][0]["firmware"]
     # kernel-firmware-hidden holds kmg/gpu_absent.bin, but only filelists.xml says so
@@ -161,3 +170,30 @@ def test_repository_announcements_from_zyppers_cached_metadata(machine):
     assert "supplements modalias(of:N*T*Cacme,kmg-chip)" in encoded["reason"]
     (none,) = kmg("explain", "--json", "--kver", KVER, synthetic.ALIAS["none"], check_code=0).json["results"]
     assert none["verdict"] == "unknown"
+
+
+def test_a_firmware_package_that_supplements_the_device_fills_the_need_zypper_cannot_see(machine, suse):
+    """kernel-firmware-kmgsup ships kmg/gpu_absent.bin (filelists.xml only, which libzypp never
+    reads) and supplements kmg_gpu's devices; its repository's metadata is zstd-compressed."""
+    kmg, root = machine
+    _, _, repos, key = suse
+    zypperroot.write_repo(root, f"file://{repos['supplemented']}", key)
+    zypperroot.zypper(root, "refresh")
+    assert list((root / "var/cache/zypp/raw/kmg/repodata").glob("*primary.xml.zst"))
+    dev = gpu_status(kmg)
+    need = dev["candidates"][0]["firmware"]
+    assert [(p["package"], p["version"]) for p in need["packages"]] == [("kernel-firmware-kmgsup", "20261202-1")]
+    assert "supplements this device (modalias(pci:v0000BBBBd00000001sv*sd*bc03sc*i*))" in need["note"], need
+    assert "kmg_gpu needs firmware from kernel-firmware-kmgsup (not installed)" in dev["reason"]
+    # a firmware package is not a driver: a device only it announces stays without one
+    (alone,) = kmg("explain", "--json", "--kver", KVER, SUPPLEMENTED, check_code=0).json["results"]
+    assert alone["verdict"] == "unknown" and "kernel-firmware-kmgsup announces it" in alone["reason"], alone
+    before = [r for r in history(root) if r[1] == "command"]
+    res = kmg("fix", "--yes", "--local", "--json", "--kver", KVER)
+    assert res.returncode == 6, res.stdout + res.stderr  # installed; this kernel cannot load modules
+    records = history(root)
+    commands = [i for i, r in enumerate(records) if r[1] == "command"]
+    assert len(commands) == len(before) + 1
+    assert sorted(r[2] for r in records[commands[-1]:] if r[1] == "install") == [
+        "kernel-default", "kernel-firmware-kmgsup"]  # one zypper run installed both
+    assert (root / "lib/firmware/kmg/gpu_absent.bin.xz").is_file()

@@ -73,16 +73,42 @@ def build_packages(out: Path, key: rpmbuild.TestKey) -> SusePackages:
     return SusePackages(base, default, extra_rpm, unsigned, work / "default/tree", conflicting)
 
 
-def publish(repo: Path, rpms: list[Path], key: rpmbuild.TestKey) -> None:
+def publish(repo: Path, rpms: list[Path], key: rpmbuild.TestKey, compress: str | None = None) -> None:
     """Exactly these packages; repomd.xml signed (zypper's repo_gpgcheck) with key."""
     shutil.rmtree(repo, ignore_errors=True)
     repo.mkdir(parents=True)
     for f in rpms:
         shutil.copyfile(f, repo / f.name)
     rpmbuild.createrepo(repo)
+    if compress == "zstd":
+        _as_zstd(repo)
     md = repo / "repodata/repomd.xml"
     _run(["gpg", "--batch", "--homedir", str(key.home), "--pinentry-mode", "loopback", "--passphrase", "",
           "--local-user", key.fingerprint, "--yes", "--detach-sign", "--armor", "-o", f"{md}.asc", str(md)])
+
+
+def _as_zstd(repo: Path) -> None:
+    """The metadata zstd-compressed, as Tumbleweed's (Debian's createrepo_c 0.17 has no zstd):
+    each .xml.gz recompressed, repomd.xml's location, checksum and size rewritten."""
+    import gzip
+    import hashlib
+    import re
+
+    md = repo / "repodata/repomd.xml"
+    text = md.read_text()
+    for gz in sorted((repo / "repodata").glob("*.xml.gz")):
+        data = subprocess.run(["zstd", "-q", "-c"], input=gzip.decompress(gz.read_bytes()), capture_output=True,
+                              check=True).stdout
+        old_sum, new_sum = hashlib.sha256(gz.read_bytes()).hexdigest(), hashlib.sha256(data).hexdigest()
+        zst = gz.with_name(gz.name.removesuffix(".gz").replace(old_sum, new_sum) + ".zst")  # the name holds its sum
+        zst.write_bytes(data)
+        block = re.search(r"<data type=[^>]*>(?:(?!</data>).)*" + re.escape(gz.name) + r"(?:(?!</data>).)*</data>",
+                          text, re.S)[0]
+        new = block.replace(gz.name, zst.name).replace(old_sum, new_sum)
+        new = re.sub(r"<size>\d+</size>", f"<size>{len(data)}</size>", new, count=1)
+        text = text.replace(block, new)
+        gz.unlink()
+    md.write_text(text)
 
 
 def write_repo(root: Path, baseurl: str, key: rpmbuild.TestKey) -> None:

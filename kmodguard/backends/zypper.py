@@ -264,9 +264,11 @@ class ZypperBackend:
             return gzip.open(path, "rb")
         if path.name.endswith(".xz"):
             return lzma.open(path, "rb")
+        if path.name.endswith(".zst"):  # Tumbleweed's: rpm's own zstd reader (python3-rpm, which zypper needs)
+            return _RpmFd(path)
         if path.name.endswith(".xml"):
             return open(path, "rb")
-        return None  # zstd and others: said in the note
+        return None  # others: said in the note
 
     def driver_announcements(self, *, cache_only: bool, timeout: float | None = None):
         """modalias() provides (third-party kmod packages) and supplements (SUSE KMPs and
@@ -280,7 +282,10 @@ class ZypperBackend:
         items, notes, read = [], [], 0
         for alias in self._enabled_repos():
             path = self._primary(alias)
-            stream = self._open_primary(path) if path is not None and path.is_file() else None
+            try:
+                stream = self._open_primary(path) if path is not None and path.is_file() else None
+            except (ImportError, OSError):  # no python3-rpm for a .zst, or the file went away
+                stream = None
             if stream is None:
                 notes.append(f"zypper's cache holds no readable primary metadata of repository {alias!r} "
                              f"({path.name if path else 'none'}): run 'zypper refresh'")
@@ -303,6 +308,24 @@ class ZypperBackend:
                 continue
             marks.append(f"{alias}:{st.st_size}:{st.st_mtime_ns}")
         return f"zypper|{self.root}|" + ",".join(marks) if marks else None
+
+
+class _RpmFd:
+    """A zstd file read through rpm's fd layer, as a binary stream (a context manager)."""
+
+    def __init__(self, path: Path):
+        import rpm  # only here: the other backends do not need it
+
+        self._fd = rpm.fd.open(str(path), "r", "zstd")
+
+    def read(self, n: int = -1) -> bytes:
+        return self._fd.read(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fd.close()
 
 
 class _Capped:
