@@ -85,3 +85,26 @@ def test_modaliases_field_of_debian():
     assert modaliases_field(value) == ["pci:v0000EEEEd00000009sv*sd*bc*sc*i*", "usb:v1234p5678d*dc*dsc*dp*ic*isc*ip*in*",
                                        "of:N*T*Cacme,chip", "pci:v0000FFFFd*"]
     assert modaliases_field("not a field") == [] and modaliases_field("m()") == []
+
+
+def test_apt_reads_every_modaliases_field_of_a_package_list_far_over_the_output_cap(tmp_path):
+    """Debian's main list is 50 MB uncompressed, over process.OUTPUT_CAP (16 MiB): the fields
+    needed are kept while the real apt-helper streams it, so the last package still counts."""
+    from kmodguard.backends.apt import AptBackend
+    from kmodguard.process import OUTPUT_CAP
+
+    filler = "".join(f"Package: filler{i}\nVersion: 1.{i}\nDescription: {'x' * 300}\n a long description\n\n"
+                     for i in range(OUTPUT_CAP // 300 + 1000))
+    tail = ("Package: kmg-dkms\nArchitecture: amd64\nVersion: 2.0-1\n"
+            "Modaliases: kmg(pci:v0000EEEEd00000009sv*sd*bc*sc*i*, usb:v1234p5678d*dc*dsc*dp*ic*isc*ip*in*)\n\n"
+            "Package: --evil\nVersion: 1\nModaliases: evil(pci:v0000CCCCd*sv*sd*bc*sc*i*)\n\n")
+    lst = tmp_path / "example_dists_stable_main_binary-amd64_Packages"
+    lst.write_text(filler + tail)
+    assert lst.stat().st_size > OUTPUT_CAP
+    backend = AptBackend()
+    backend._targets_cache = [("Packages", "main", str(lst))]  # what apt-get indextargets would name
+    found = backend.driver_announcements(cache_only=True)
+    assert [(a.package, a.version, a.pattern) for a in found.items] == [
+        ("kmg-dkms", "2.0-1", "pci:v0000EEEEd00000009sv*sd*bc*sc*i*"),
+        ("kmg-dkms", "2.0-1", "usb:v1234p5678d*dc*dsc*dp*ic*isc*ip*in*")]
+    assert found.note is None
