@@ -45,6 +45,8 @@ HERE_BARE = str(Path(__file__).resolve().with_name("_bare_lookup.py"))
 def bench_env(world) -> dict:
     env = _bench_env(world, isolated=True)
     env.pop("KMODGUARD_FIRMWARE_DIRS", None)  # the kernel's own firmware directories
+    # as installed (the package ships STATE_DIR): the repositories' announcements are cached there
+    Path(env["KMODGUARD_STATE_DIR"]).mkdir(parents=True, exist_ok=True)
     return env
 
 
