@@ -10,7 +10,6 @@ instead of waiting for that child.
 
 from __future__ import annotations
 
-import logging
 import os
 import selectors
 import signal
@@ -19,7 +18,14 @@ import time
 
 from .errors import KmodguardError
 
-log = logging.getLogger(__name__)
+
+def _log():
+    """The module's logger, with logging imported on first use: status imports this module (its
+    package backend) without running anything, and logging is 3 ms of a cold start."""
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 OUTPUT_CAP = 16 << 20  # bytes kept per stream; the rest is read and dropped
 EXIT_GRACE = 2.0  # seconds to drain the pipes after the command exited
@@ -48,7 +54,7 @@ def run(args: list[str], timeout: float, name: str | None = None, *, env_extra: 
     CommandTimedOut (after stopping it) at the deadline.
     """
     name = name or os.path.basename(args[0])
-    log.debug("running %s", args)
+    _log().debug("running %s", args)
     try:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
@@ -65,7 +71,7 @@ def run(args: list[str], timeout: float, name: str | None = None, *, env_extra: 
             if pipe:
                 pipe.close()
     if timed_out:
-        log.info("%s output before it was stopped:\n%s", name, (out + err).decode(errors="replace"))
+        _log().info("%s output before it was stopped:\n%s", name, (out + err).decode(errors="replace"))
         raise CommandTimedOut(f"{name} did not finish within {timeout:g} s and was stopped", hint=timeout_hint)
     decode = (lambda b: b.decode(errors="replace")) if text else (lambda b: b)
     return subprocess.CompletedProcess(args, proc.returncode, decode(out), None if merge_stderr else decode(err))

@@ -8,11 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from ..engine.api import Engine, needs_action
-from ..engine.diagnosis import MAX_MODALIAS, check_modalias
 from ..errors import ExitCode, InvalidInput, KmodguardError
 from ..paths import Paths
 from .output import HEADINGS, ORDER, emit_json, install_command, progress, safe, table
+
+# The engine (config, devices, diagnosis, libkmod, the environment probe) is imported by the
+# commands that judge or plan, not here: `index build` starts depmod as early as it can, and
+# the engine was 7 ms of its start.
 
 
 def make_paths(args) -> Paths:
@@ -22,6 +24,8 @@ def make_paths(args) -> Paths:
 
 
 def _exit_for(verdicts) -> int:
+    from ..engine.api import needs_action
+
     return ExitCode.ACTION_NEEDED if needs_action(verdicts) else ExitCode.OK
 
 
@@ -29,6 +33,7 @@ def _exit_for(verdicts) -> int:
 
 def status(args) -> int:
     from ..devices import enumerate_devices
+    from ..engine.api import Engine
     from ..engine.state import read_snapshot
 
     paths = make_paths(args)
@@ -154,6 +159,8 @@ def _read_modaliases(items: list[str]) -> list[str]:
 def _stdin_modaliases() -> list[str]:
     """One modalias a line ('#' comments); a line is refused as soon as it is too long, before
     the rest of it is read."""
+    from ..engine.diagnosis import MAX_MODALIAS
+
     out = []
     stdin = sys.stdin.buffer
     for n in range(1, MAX_STDIN_LINES + 2):
@@ -172,6 +179,8 @@ def _stdin_modaliases() -> list[str]:
 
 
 def _checked(value: str, where: str) -> str:
+    from ..engine.diagnosis import check_modalias
+
     try:
         return check_modalias(value)
     except InvalidInput as exc:
@@ -179,6 +188,8 @@ def _checked(value: str, where: str) -> str:
 
 
 def explain(args) -> int:
+    from ..engine.api import Engine
+
     modaliases = _read_modaliases(args.modaliases)
     paths = make_paths(args)
     engine = Engine(paths)
@@ -316,6 +327,7 @@ def index_show(args) -> int:
 
 
 def index_fetch(args) -> int:
+    from ..engine.api import Engine
     from ..index.fetch import fetch
 
     paths = make_paths(args)
@@ -409,6 +421,7 @@ def _print_plan(plan, env, backing: list[dict] = ()) -> None:
 
 
 def fix(args) -> int:
+    from ..engine.api import Engine
     from ..engine.state import read_snapshot
 
     paths = make_paths(args)
@@ -509,6 +522,7 @@ def _fix_request(args, paths) -> int:
 def _run_request(args, paths, request: dict) -> int:
     from .. import config as config_mod
     from ..engine import state
+    from ..engine.api import Engine
 
     where = f"request {request['id']}"
     try:
@@ -541,6 +555,7 @@ def _run_request(args, paths, request: dict) -> int:
 def _fix_through_daemon(args, paths) -> int:
     """A daemon runs: it does the fix (and authorizes the caller, root or polkit) so that two
     remediations never race and the transaction survives this command being interrupted."""
+    from ..engine.api import Engine
     from . import client
 
     if args.json and not args.yes:
@@ -596,7 +611,7 @@ def check(args) -> int:
 
 
 def _check_now(args, paths, devices) -> int:
-    from ..engine.api import device_json
+    from ..engine.api import Engine, device_json
 
     engine = Engine(paths)
     judged = engine.judge(devices)
@@ -666,6 +681,7 @@ def _apply_policy(engine, plan, need) -> dict:
 
 
 def _check_kernel(args, paths, devices) -> int:
+    from ..engine.api import Engine
     from ..engine.lifecycle import kernel_change
 
     from ..paths import running_kernel
@@ -776,6 +792,7 @@ def _print_kernel_change(doc) -> None:
 
 
 def _check_removal(args, paths, devices) -> int:
+    from ..engine.api import Engine
     from ..engine.lifecycle import removal
 
     engine = Engine(paths)
@@ -823,6 +840,7 @@ def config_check(args) -> int:
 
 def footprint(args) -> int:
     from ..devices import enumerate_devices
+    from ..engine.api import Engine
     from ..engine.footprint import footprint as measure
 
     paths = make_paths(args)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import logging
 import stat
 import time
 from pathlib import Path
@@ -32,7 +31,6 @@ from pathlib import Path
 from ..errors import Busy, InvalidInput
 from ..fsutil import make_dir, write_atomic
 
-log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 300.0  # seconds after the first failure
 BACKOFF_MAX = 86400.0
@@ -208,7 +206,9 @@ def _read_trusted(path: Path) -> dict | None:
 
 
 def _refuse(path: Path, why: str):
-    log.warning("refused the fix request %s: %s", path, why)
+    import logging  # here, not at the top: status reads this module and never logs (logging is 3 ms of it)
+
+    logging.getLogger(__name__).warning("refused the fix request %s: %s", path, why)
     raise InvalidInput(f"refused the fix request {path}: {why}",
                        hint="a fix request must be a regular file owned by root, writable by root only")
 

@@ -8,11 +8,11 @@ modinfo through libkmod for the metadata. Both run at once, on two cores.
 from __future__ import annotations
 
 import json
-import logging
 import lzma
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -24,8 +24,6 @@ from ..process import c_locale
 from ..fsutil import MiB, make_dir, read_capped, regular_file
 from ..kmod import Context
 from . import store
-
-log = logging.getLogger(__name__)
 
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 MODPROBE_DIRS = ("etc/modprobe.d", "usr/lib/modprobe.d", "lib/modprobe.d")
@@ -79,16 +77,49 @@ def _find_modules(mdir: Path, source: PackageSource | None = None) -> list[str]:
     of links such as `cp -rs` makes is a fair payload) a regular file, not a FIFO or device (depmod
     and libkmod open it and would block or read without end), of at most MODULE_CAP bytes. os.walk
     does not descend into linked directories; neither does the staging tree (_stage)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(mdir):
-        dirnames.sort()
-        for f in sorted(filenames):
-            if f.endswith(MODULE_SUFFIXES):
-                path = os.path.join(dirpath, f)
-                regular_file(path, follow=True, cap=MODULE_CAP, error_class=InvalidInput,
-                             hint=f"a module must be a regular file: {_where(source, path)} is refused")
-                found.append(path)
+    found: list[str] = []
+    _walk_modules(os.fspath(mdir), found, source)
     return found
+
+
+def _walk_modules(directory: str, found: list[str], source: PackageSource | None) -> None:
+    """os.walk's order and choices (sorted names, a directory's files before its subdirectories,
+    linked directories listed but not entered, unreadable directories skipped), in one scandir a
+    directory: this runs before depmod can start. A module that stat shows to be a readable
+    regular file within the cap is taken as is (open_regular's open, fstat and close, 2,000
+    times, were 14 ms); anything else goes to regular_file, which refuses it as before."""
+    try:
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return
+    subdirs = []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir:
+            try:
+                if not entry.is_symlink():
+                    subdirs.append(entry.path)
+            except OSError:
+                pass
+            continue
+        if not entry.name.endswith(MODULE_SUFFIXES):
+            continue
+        path = entry.path
+        try:
+            st = os.stat(path)
+            ok = stat.S_ISREG(st.st_mode) and st.st_size <= MODULE_CAP and os.access(path, os.R_OK)
+        except OSError:
+            ok = False
+        if not ok:
+            regular_file(path, follow=True, cap=MODULE_CAP, error_class=InvalidInput,
+                         hint=f"a module must be a regular file: {_where(source, path)} is refused")
+        found.append(path)
+    for sub in subdirs:
+        _walk_modules(sub, found, source)
 
 
 def _stage(mdir: Path, kver: str, work: Path) -> Path:
