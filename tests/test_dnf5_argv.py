@@ -19,15 +19,19 @@ from kmodguard.backends.dnf import QUERYFORMAT, DnfBackend
 REQ = "kernel-modules-uname-r = 6.12.5-200.fc41.x86_64"
 
 # dnf5(8) "Global Options" that kmodguard uses, and each command's own (NAME=VALUE form documented)
-GLOBAL = {"-y": False, "--installroot": True, "--comment": True, "--refresh": False}
+GLOBAL = {"-y": False, "--installroot": True, "--comment": True, "--refresh": False, "-C": False}
+# --setopt=KEY=VALUE (dnf5(8)) for the dnf5.conf(5) keys kmodguard sets, and no other
+SETOPT = {"optional_metadata_types"}
 COMMANDS = {
     "install": {},
-    "repoquery": {"--whatprovides": True, "--queryformat": True, "--latest-limit": True, "--provides": False},
+    "repoquery": {"--whatprovides": True, "--whatsupplements": True, "--queryformat": True, "--latest-limit": True,
+                  "--provides": False},
     "download": {"--destdir": True},
     "makecache": {},
 }
 # dnf5-repoquery(8), --queryformat: the tags it lists
-QUERY_TAGS = {"name", "evr", "arch", "downloadsize", "installsize", "full_nevra", "provides", "version", "release"}
+QUERY_TAGS = {"name", "evr", "arch", "downloadsize", "installsize", "full_nevra", "provides", "version", "release",
+              "files", "supplements"}
 
 
 class RecordingDnf5(DnfBackend):
@@ -53,7 +57,10 @@ def check_documented(argv: list[str]) -> None:
     command = next(a for a in argv[1:] if not a.startswith("-"))
     at = argv.index(command)
     for opt in argv[1:at]:
-        name, eq, _ = opt.partition("=")
+        name, eq, value = opt.partition("=")
+        if name == "--setopt":
+            assert value.partition("=")[0] in SETOPT, f"{opt!r} sets what kmodguard never sets"
+            continue
         assert name in GLOBAL, f"{opt!r} is no dnf5 global option"
         assert bool(eq) == GLOBAL[name], f"{opt!r}: dnf5 documents {name}{'=VALUE' if GLOBAL[name] else ''}"
     for opt in argv[at + 1:]:
@@ -104,3 +111,39 @@ def test_provides_download_and_refresh_argv(tmp_path):
 def test_the_checker_refuses_what_dnf5_does_not_document_for_kmodguard(bad):
     with pytest.raises(AssertionError):
         check_documented(["dnf5", "-y", bad, "install", REQ])
+
+
+def _tags(argv: list[str]) -> set[str]:
+    fmt = next(a for a in argv if a.startswith("--queryformat=")).split("=", 1)[1]
+    return {t.split("}")[0] for t in fmt.split("%{")[1:]}
+
+
+def test_firmware_and_announcement_queries_use_documented_options_and_tags():
+    dnf5 = RecordingDnf5()
+    argv = dnf5.firmware_argv(["kmg/gpu.bin"], cache_only=True)
+    check_documented(argv)
+    assert argv[1:4] == ["-C", "--setopt=optional_metadata_types=filelists", "repoquery"]
+    assert "--whatprovides=/usr/lib/firmware/kmg/gpu.bin.xz" in argv and _tags(argv) <= QUERY_TAGS
+    for how, option in (("provides", "--whatprovides=modalias(*)"), ("supplements", "--whatsupplements=*")):
+        argv = dnf5.announcements_argv(how, option, cache_only=True)
+        check_documented(argv)
+        assert _tags(argv) <= QUERY_TAGS and argv[-1] == option
+
+
+class UncachedDnf5(RecordingDnf5):
+    """dnf5 -C over a repository it never cached: exit 1 and libdnf5's RepoError, as dnf5's own
+    test suite shows it (dnf5 test/behave 'repoquery -C (without any cache)')."""
+
+    def _run(self, args, timeout):
+        self.calls.append(args)
+        return subprocess.CompletedProcess(args, 1, "", 'Cache-only enabled but no cache for repository "fw"\n')
+
+
+def test_dnf5_without_a_cache_gives_the_makecache_note_not_an_error():
+    dnf5 = UncachedDnf5()
+    found = dnf5.firmware_providers(["kmg/gpu.bin"], cache_only=True)
+    assert found.providers == {} and "no metadata for the repositories fw" in found.note
+    assert "run 'dnf5 makecache'" in found.note
+    announced = dnf5.driver_announcements(cache_only=True)
+    assert announced.items == () and "run 'dnf5 makecache'" in announced.note
+    assert len(dnf5.calls) == 2  # the first repoquery said it; the second is not run

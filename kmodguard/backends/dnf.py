@@ -100,7 +100,7 @@ class DnfBackend:
         older dnf 4 warns that it does not know the option, and loads them anyway)."""
         paths = [FIRMWARE_DIR + n + sfx for n in req.firmware_names(names) for sfx in FIRMWARE_SUFFIXES]
         return self._base() + (["-C"] if cache_only else []) + [
-            "--setopt=optional_metadata_types=filelists", "repoquery", "--qf", FIRMWARE_QUERYFORMAT,
+            "--setopt=optional_metadata_types=filelists", "repoquery", f"--queryformat={FIRMWARE_QUERYFORMAT}",
             *(f"--whatprovides={p}" for p in paths)]
 
     # --- the protocol ------------------------------------------------------------------------
@@ -212,6 +212,8 @@ class DnfBackend:
 
         args = self.firmware_argv(names, cache_only)
         res = self._run(args, timeout or self.timeout)
+        if res.returncode != 0 and cache_only and _no_cache(res):  # dnf5 stops where dnf 4 skips the repository
+            return FirmwareLookup({}, {}, _no_cache_note(self.name, res))
         if res.returncode != 0:
             raise KmodguardError(f"{self.name} repoquery for firmware files failed: {_last_line(res)}")
         wanted = {FIRMWARE_DIR + n + sfx: n for n in names for sfx in FIRMWARE_SUFFIXES}
@@ -243,6 +245,10 @@ class DnfBackend:
         return FirmwareLookup({n: tuple(sorted(p)) for n, p in providers.items()}, versions,
                               "; ".join(notes) or None)
 
+    def announcements_argv(self, how: str, option: str, cache_only: bool) -> list[str]:
+        return self._base() + (["-C"] if cache_only else []) + [
+            "repoquery", f"--queryformat=@@%{{name}}\t%{{evr}}\n%{{{how}}}\n", option]
+
     def driver_announcements(self, *, cache_only: bool, timeout: float | None = None):
         """Packages with modalias(...) provides (third-party kmod packages) or supplements (SUSE
         KMPs and firmware; libsolv shows a flavoured one as '(kernel-default and
@@ -253,9 +259,10 @@ class DnfBackend:
         # a flavoured supplement is libsolv's '(kernel-default and namespace:modalias(...))', which
         # no glob of --whatsupplements matches: every package with supplements, filtered here
         for how, option in (("provides", "--whatprovides=modalias(*)"), ("supplements", "--whatsupplements=*")):
-            args = self._base() + (["-C"] if cache_only else []) + [
-                "repoquery", "--qf", f"@@%{{name}}\t%{{evr}}\n%{{{how}}}\n", option]
-            res = self._run(args, timeout or self.timeout)
+            res = self._run(self.announcements_argv(how, option, cache_only), timeout or self.timeout)
+            if res.returncode != 0 and cache_only and _no_cache(res):
+                notes.append(_no_cache_note(self.name, res))
+                break
             if res.returncode != 0:
                 raise KmodguardError(f"{self.name} repoquery for modalias() {how} failed: {_last_line(res)}")
             current = None
@@ -321,3 +328,18 @@ def _int(text: str) -> int | None:
         return int(text)
     except ValueError:
         return None
+
+
+# dnf5's words when -C finds a repository it has never cached (libdnf5 RepoError; exit 1), where
+# dnf 4 says "Ignoring repositories: ..." and goes on
+_NO_CACHE = re.compile(r'Cache-only enabled but no cache for (?:repository )?["\']([A-Za-z0-9_.:-]{1,200})["\']')
+
+
+def _no_cache(res) -> bool:
+    return bool(_NO_CACHE.search(res.stderr or "") or _NO_CACHE.search(res.stdout or ""))
+
+
+def _no_cache_note(name: str, res) -> str:
+    repos = sorted(set(_NO_CACHE.findall((res.stderr or "") + (res.stdout or ""))))
+    return (f"{name}'s cache has no metadata for the repositories {', '.join(repos)}, and status and explain do not "
+            f"reach the network: run '{name} makecache'")
