@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aptroot
 import dnfimage
+import packagekitd
 import rpmbuild
 import synthetic
 import zypperroot
@@ -110,6 +111,7 @@ class AptHarness(Harness):
     backend, kver, package, request = "apt", aptroot.KVER, aptroot.EXTRA, aptroot.EXTRA
     unavailable_hint = "apt-get install ./"
     lock_error = "the dpkg lock stayed held for 2 s"
+    env: dict = {}  # kmodguard's environment beside the root's paths
 
     def __init__(self, debs: aptroot.Debs, key: rpmbuild.TestKey, other_key: rpmbuild.TestKey, base_root: Path):
         self.debs, self.key, self.other_key, self.base_root = debs, key, other_key, base_root
@@ -117,7 +119,8 @@ class AptHarness(Harness):
     def machine(self, tmp, kmodguard):
         root = aptroot.copy_root(self.base_root, tmp / "root")
         repo = aptroot.make_repo(tmp / "repo", self.key)
-        m = Machine(_kmodguard(kmodguard, aptroot.root_env(root, tmp), tmp, "apt"), root, self, tmp)
+        env = {**aptroot.root_env(root, tmp), **self.env}
+        m = Machine(_kmodguard(kmodguard, env, tmp, self.backend), root, self, tmp)
         m.repo = repo
         self.publish(m)
         aptroot.write_sources(root, repo)
@@ -147,6 +150,26 @@ class AptHarness(Harness):
 
     def hang(self, m, url):
         (m.root / "etc/apt/sources.list").write_text(f"deb [signed-by={m.repo.key_file}] {url} ./\n")
+
+
+# --- PackageKit --------------------------------------------------------------------------------
+
+class PackageKitHarness(AptHarness):
+    """The real packagekitd (apt backend) and polkitd (packagekitd.py) on the apt harness's root and
+    repository: kmodguard talks D-Bus to packagekitd, which runs apt and dpkg on the root."""
+
+    backend = "packagekit"
+    unavailable_hint = "local package file"
+    lock_error = "PackageKit waited 2 s for the package manager lock"
+
+    def __init__(self, bus: packagekitd.SystemBus, *args):
+        super().__init__(*args)
+        self.bus, self.env = bus, bus.env
+
+    def machine(self, tmp, kmodguard):
+        m = super().machine(tmp, kmodguard)
+        m.packagekitd = packagekitd.PackageKitd(self.bus, m.root).start()
+        return m
 
 
 # --- dnf 4 -----------------------------------------------------------------------------------

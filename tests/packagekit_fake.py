@@ -1,7 +1,10 @@
 """FakePackageKitForTests: a TEST STAND-IN for packagekitd, served on a private dbus-daemon.
 
-packagekitd cannot run here (it needs a real package backend and polkit), so this module serves the
-slice of PackageKit's D-Bus API (PackageKit 1.x: org.freedesktop.PackageKit and
+The real packagekitd runs in the tests with Debian's apt backend (packagekitd.py,
+test_contract_packagekit.py). What it cannot do here, this stand-in does: answer as Fedora's
+PackageKit (dnf backend) would, with exact-version provides ('kernel-modules-uname-r = KVER') in
+WhatProvides and sizes in GetDetails, and fail on demand (a scriptlet error, an install that never
+ends, not-found as an error). It serves the slice of PackageKit's D-Bus API (PackageKit 1.x: org.freedesktop.PackageKit and
 org.freedesktop.PackageKit.Transaction) that kmodguard's PackageKit backend uses, over a real bus
 through the real D-Bus library. Everything else in the tests is real: the dbus-daemon, the library,
 kmodguard's backend.

@@ -1,7 +1,7 @@
-"""PackageKitBackend against a real dbus-daemon and the real D-Bus library.
-
-The only stand-in is packagekitd itself (tests/packagekit_fake.py: FakePackageKitForTests), which
-serves PackageKit's documented D-Bus API from an in-memory catalogue on a private bus.
+"""PackageKitBackend against a real dbus-daemon and the real D-Bus library, with a stand-in for
+packagekitd (tests/packagekit_fake.py: FakePackageKitForTests) that answers as Fedora's PackageKit
+(dnf backend, exact-version provides) and fails on demand. The real packagekitd (apt backend) and
+polkitd run in test_contract_packagekit.py.
 """
 
 from __future__ import annotations

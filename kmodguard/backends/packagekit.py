@@ -13,6 +13,8 @@ Flow, following PackageKit's D-Bus API (org.freedesktop.PackageKit.Transaction.x
 3. ``GetDetails(package_ids)`` gives sizes when the backend knows them (``query`` only).
 4. A new transaction runs ``InstallPackages(ONLY_TRUSTED, package_ids)``: signature checks stay on;
    an unsigned package fails the transaction and kmodguard never retries without the flag.
+5. ``refresh`` runs ``RefreshCache(false)`` (apt: `apt-get update`), once, when a request is in no
+   repository the daemon's cache knows: a cloud image's lists are often empty or stale.
 
 Synchronous on the outside (the engine is synchronous): every public method runs its own asyncio
 loop and its own bus connection, and bounds every wait with the caller's timeout. On timeout the
@@ -32,7 +34,7 @@ import time
 from dataclasses import dataclass
 
 from .. import dbus as _dbus
-from ..errors import Busy, KmodguardError, NotAuthorized, PackageUnavailable
+from ..errors import Busy, KmodguardError, NotAuthorized, PackageUnavailable, SignatureRefused
 from . import InstallResult, Offer, Progress
 from ._rpmdb import split_request
 
@@ -104,6 +106,8 @@ ERROR_NAMES = {0: "unknown", 1: "oom", 2: "no-network", 3: "not-supported", 4: "
                66: "unfinished-transaction", 67: "lock-required"}
 UNTRUSTED_ERRORS = (ERROR_GPG_FAILURE, ERROR_BAD_GPG_SIGNATURE, ERROR_MISSING_GPG_SIGNATURE,
                     ERROR_CANNOT_INSTALL_REPO_UNSIGNED)
+# PackageKit's apt backend reports a refused Release signature as cannot-fetch-sources, with apt's text
+APT_SIGNATURE_TEXTS = ("GPG error", "is not signed", "NO_PUBKEY", "signatures were invalid")
 DENIED_DBUS_ERRORS = ("org.freedesktop.DBus.Error.AccessDenied", "org.freedesktop.PackageKit.Denied",
                       "org.freedesktop.PackageKit.Transaction.Denied",
                       "org.freedesktop.PackageKit.Transaction.RefusedByPolicy",
@@ -112,7 +116,7 @@ ABSENT_DBUS_ERRORS = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesk
                       "org.freedesktop.DBus.Error.Spawn.ServiceNotFound", "org.freedesktop.DBus.Error.NoReply")
 
 RESOLVE_FILTER = FILTER_NEWEST | FILTER_ARCH
-CANCEL_GRACE = 5.0  # seconds to wait for a cancelled transaction to say Finished
+CANCEL_GRACE = 10.0  # seconds to wait for a cancelled transaction to say Finished (apt's lock loop: ~8 s)
 
 UNAVAILABLE_HINT = ("the package for the running kernel has left the repositories (this happens after newer "
                     "kernels are published); either install it from a local package file, or update the kernel, "
@@ -140,6 +144,7 @@ INTROSPECTION = f"""<node>
     <method name="WhatProvides">
       <arg type="t" name="filter" direction="in"/><arg type="as" name="values" direction="in"/>
     </method>
+    <method name="RefreshCache"><arg type="b" name="force" direction="in"/></method>
     <signal name="Details"><arg type="a{{sv}}" name="data"/></signal>
     <signal name="ErrorCode"><arg type="u" name="code"/><arg type="s" name="details"/></signal>
     <signal name="Finished"><arg type="u" name="exit"/><arg type="u" name="runtime"/></signal>
@@ -215,6 +220,12 @@ class PackageKitBackend:
         return _run_sync(lambda: self._install(list(requests), comment, deadline, timeout, lock_wait,
                                                progress or (lambda _msg: None)))
 
+    def refresh(self, timeout: float | None = None) -> None:
+        """RefreshCache(force=false): packagekitd fetches the repositories' metadata. SignatureRefused
+        when a repository's signature is refused; KmodguardError when one is unreachable."""
+        deadline = time.monotonic() + (self.call_timeout if timeout is None else timeout)
+        _run_sync(lambda: self._refresh(deadline))
+
     # --- asyncio side ------------------------------------------------------------------------
 
     async def _is_installed(self, request: str, deadline: float) -> bool:
@@ -240,6 +251,12 @@ class PackageKitBackend:
                 dl, inst = sizes.get(pkg.package_id, (None, None))
                 offers.append(Offer(request, True, pkg.nevra, dl, inst))
             return offers
+
+    async def _refresh(self, deadline: float) -> None:
+        async with _Session(self.bus_address, deadline) as session:
+            tx = await session.transaction()
+            await session.call(tx, "set_hints", ["interactive=false", "background=false"], optional=True)
+            await session.run(tx, "refresh_cache", False, what="refreshing the repository metadata")
 
     async def _install(self, requests: list[str], comment: str, deadline: float, timeout: float,
                        lock_wait: float, progress: Progress) -> InstallResult:
@@ -394,7 +411,8 @@ class _Session:
         return left
 
     def _timeout_error(self, what: str, cancelled: str = "") -> KmodguardError:
-        return KmodguardError(f"PackageKit did not finish {what} within {self.timeout:.0f} s{cancelled}",
+        return KmodguardError(f"PackageKit did not finish within {self.timeout:.0f} s and was stopped "
+                              f"({what}{cancelled})",
                               hint="PackageKit's own log (journalctl -u packagekit) tells what it was doing; "
                                    "raise timeouts.package_manager in /etc/kmodguard if the repositories are slow")
 
@@ -458,7 +476,9 @@ class _Session:
             await asyncio.wait_for(tx.iface.call_cancel(), grace)
             await asyncio.wait_for(asyncio.shield(tx.finished), grace)
         except (asyncio.TimeoutError, _dbus.DBusError) as e:
-            log.warning("PackageKit: transaction %s did not confirm the cancel: %s", tx.path, e)
+            log.warning("PackageKit: transaction %s did not confirm the cancel within %.0f s (%s); packagekitd "
+                        "ends it by itself ('pkcon get-transactions' lists it until then)", tx.path, grace,
+                        getattr(e, "text", None) or "no answer")
 
     # --- the steps ------------------------------------------------------------------------------
 
@@ -527,12 +547,25 @@ def _check(tx: _Transaction, what: str) -> None:
         raise Busy(message, hint="another package manager holds the lock; run 'kmodguard fix' again later")
     if code == ERROR_NOT_AUTHORIZED:
         raise NotAuthorized(message, hint="PackageKit's polkit rules refused this caller")
+    refused = _signature_lines(tx.errors)
+    if refused:
+        raise SignatureRefused(f"PackageKit {what} failed: a repository's signature was refused: {refused}",
+                               hint=UNTRUSTED_HINT)
     if code in UNTRUSTED_ERRORS or tx.exit in (EXIT_NEED_UNTRUSTED, EXIT_KEY_REQUIRED):
-        raise KmodguardError(message, hint=UNTRUSTED_HINT)
+        raise SignatureRefused(message, hint=UNTRUSTED_HINT)
     if tx.exit in (EXIT_CANCELLED, EXIT_CANCELLED_PRIORITY, EXIT_KILLED) or code == ERROR_TRANSACTION_CANCELLED:
         raise KmodguardError(f"PackageKit {what} was cancelled from outside kmodguard: {said}",
                              hint="run 'kmodguard fix' again")
     raise KmodguardError(message, hint="PackageKit's log (journalctl -u packagekit) has the details")
+
+
+def _signature_lines(errors: list[tuple[int, str]]) -> str:
+    """apt's own lines about a refused signature, from PackageKit's error details (its apt
+    backend passes apt's whole output, warnings included)."""
+    lines = [line[3:] if line[:3] in ("E: ", "W: ") else line
+             for _code, details in errors for line in details.splitlines()]
+    found = [line for line in dict.fromkeys(lines) if any(text in line for text in APT_SIGNATURE_TEXTS)]
+    return "; ".join(found[:2])
 
 
 def _dbus_error(member: str, e) -> KmodguardError:
