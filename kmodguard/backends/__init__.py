@@ -116,9 +116,10 @@ BY_HAND = {
 
 
 def choose(name: str, package_manager: str | None, root=None, timeout: float = 900.0,
-           lock_wait: float = 300.0, firmware_packages: tuple[str, ...] = ()) -> Backend:
+           lock_wait: float = 300.0, firmware_packages: tuple[str, ...] = (), cache_dir=None) -> Backend:
     """The backend by policy name ("auto": the distribution's own package manager).
-    firmware_packages: the allow-list a backend checks bare package names against again."""
+    firmware_packages: the allow-list a backend checks bare package names against again;
+    cache_dir: where a backend may keep answers that only its configuration changes (STATE_DIR)."""
     from pathlib import Path
 
     from ..errors import KmodguardError
@@ -140,7 +141,7 @@ def choose(name: str, package_manager: str | None, root=None, timeout: float = 9
     if name == "apt":
         from .apt import AptBackend
 
-        return AptBackend(root, timeout=timeout, firmware_packages=firmware_packages)
+        return AptBackend(root, timeout=timeout, firmware_packages=firmware_packages, cache_dir=cache_dir)
     if name == "zypper":
         from .zypper import ZypperBackend
 

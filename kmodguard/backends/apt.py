@@ -16,6 +16,7 @@ that a package is in no repository) and reports a refused signature as Signature
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import Busy, InvalidInput, KmodguardError, PackageUnavailable, SignatureRefused
+from ..fsutil import read_capped, write_atomic
 from ..process import OUTPUT_CAP
 from . import InstallResult, Offer, Progress
 from ._run import last_line, run
@@ -75,6 +77,8 @@ FIRMWARE_DIRS = ("lib/firmware/", "usr/lib/firmware/")  # as Contents files spel
 FIRMWARE_SUFFIXES = ("", ".xz", ".zst")
 # apt-get indextargets: one line per index target of the enabled sources
 TARGET_FORMAT = "$(IDENTIFIER)\t$(COMPONENT)\t$(FILENAME)"
+TARGETS_CACHE = "apt-indextargets.json"  # in STATE_DIR
+TARGETS_CACHE_CAP = 4 << 20
 NO_CONTENTS = ("apt has no Contents indices of the enabled sources (apt-file's configuration enables them: "
                "install apt-file and run 'apt-get update')")
 
@@ -93,10 +97,12 @@ class AptBackend:
     name = "apt"
     unavailable_hint = UNAVAILABLE_HINT
 
-    def __init__(self, root: Path = Path("/"), timeout: float = 900.0, firmware_packages: tuple[str, ...] = ()):
+    def __init__(self, root: Path = Path("/"), timeout: float = 900.0, firmware_packages: tuple[str, ...] = (),
+                 cache_dir: Path | None = None):
         # the firmware allow-list again: a bare package name is taken only when it admits it
         self.firmware_packages = tuple(firmware_packages)
         self.root = Path(root)
+        self.cache_dir = cache_dir  # STATE_DIR: indextargets kept there while apt's configuration stays
         self.timeout = timeout  # for queries and refreshes; an install gets its own
         self._firmware_cache = None  # _firmware_table, until the lists are refreshed
         self._targets_cache = None  # apt-get indextargets, until the lists are refreshed
@@ -208,11 +214,61 @@ class AptBackend:
         asked once per backend (apt builds its whole cache for it: 0.7 s where the image disables
         pkgcache.bin, as Debian's docker images do)."""
         if self._targets_cache is None:
-            res = self._apt(["apt-get", "indextargets", "--format", TARGET_FORMAT], timeout, "apt-get indextargets")
-            if res.returncode != 0:
-                raise KmodguardError(f"apt-get indextargets failed: {_error_line(res)}")
-            self._targets_cache = [tuple(line.split("\t")) for line in res.stdout.splitlines() if line.count("\t") == 2]
+            key = self._targets_key()
+            targets = self._load_targets(key)
+            if targets is None:
+                res = self._apt(["apt-get", "indextargets", "--format", TARGET_FORMAT], timeout, "apt-get indextargets")
+                if res.returncode != 0:
+                    raise KmodguardError(f"apt-get indextargets failed: {_error_line(res)}")
+                targets = [tuple(line.split("\t")) for line in res.stdout.splitlines() if line.count("\t") == 2]
+                self._save_targets(key, targets)
+            self._targets_cache = targets
         return self._targets_cache
+
+    def _targets_key(self) -> str:
+        """What indextargets' answer depends on: the sources, apt's configuration, the lists and
+        dpkg's architectures (each file's name, size and mtime; a stat each, no parsing)."""
+        etc = self.root / "etc/apt"
+        paths = [etc / "sources.list", etc / "apt.conf", self.root / "var/lib/dpkg/arch"]
+        for d in (etc / "sources.list.d", etc / "apt.conf.d", self.root / "var/lib/apt/lists"):
+            try:
+                paths += sorted(d.iterdir())
+            except OSError:
+                continue
+        marks = [f"apt-indextargets|{self.root}|{os.environ.get('APT_CONFIG', '')}"]
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            marks.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+        return "\n".join(marks)
+
+    def _load_targets(self, key: str) -> list[tuple[str, str, str]] | None:
+        if self.cache_dir is None:
+            return None
+        lists = f"{self.root / 'var/lib/apt/lists'}/"
+        try:
+            doc = json.loads(read_capped(Path(self.cache_dir) / TARGETS_CACHE, TARGETS_CACHE_CAP, follow=False))
+        except (KmodguardError, OSError, ValueError, RecursionError):  # a bad cache is only a cache miss
+            return None
+        if not isinstance(doc, dict) or doc.get("key") != key or not isinstance(doc.get("targets"), list):
+            return None
+        targets = doc["targets"]
+        if not all(isinstance(t, list) and len(t) == 3 and all(isinstance(x, str) and x.isprintable() for x in t)
+                   and t[2].startswith(lists) and "/../" not in t[2] for t in targets):
+            return None
+        return [tuple(t) for t in targets]
+
+    def _save_targets(self, key: str, targets: list) -> None:
+        """Best effort: a user's status cannot write STATE_DIR, and need not."""
+        if self.cache_dir is None or not os.access(self.cache_dir, os.W_OK):
+            return
+        try:
+            write_atomic(Path(self.cache_dir) / TARGETS_CACHE,
+                         json.dumps({"key": key, "targets": [list(t) for t in targets]}).encode(), durable=False)
+        except OSError:
+            pass
 
     def _debian(self) -> bool:
         try:

@@ -161,7 +161,7 @@ class Engine:
 
         return choose(name or self.policy.backend, self.env.package_manager, self.paths.root,
                       self.policy.timeouts.package_manager, lock_wait=self.policy.timeouts.lock_wait,
-                      firmware_packages=self.policy.firmware_packages)
+                      firmware_packages=self.policy.firmware_packages, cache_dir=self.paths.state_dir)
 
     def with_sizes(self, plan: Plan, backend, progress: Callable[[str], None]) -> Plan:
         """The plan with download and installed sizes, when the repository metadata tells them."""
