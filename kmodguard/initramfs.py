@@ -48,6 +48,18 @@ MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MODULE_FILE = re.compile(r"/lib/modules/[^/]+/.*?([^/\s]+)\.ko(?:\.(?:xz|zst|gz|bz2|lz4))?$")
 
 
+class InitramfsDecision(NamedTuple):
+    """Whether a fix rebuilds the initramfs, who does (the package's scriptlet or kmodguard), why."""
+
+    rebuild: bool
+    by: str | None  # "package" | "kmodguard" | None
+    reason: str
+    drivers: tuple[str, ...] = ()
+
+    def as_json(self) -> dict:
+        return {"rebuild": self.rebuild, "by": self.by, "reason": self.reason, "drivers": list(self.drivers)}
+
+
 class InitramfsFailed(KmodguardError):
     """The initramfs could not be regenerated or verified; the previous image is unchanged."""
 
@@ -373,9 +385,8 @@ def decide(modules: list[str], critical: dict[str, str], policy: str = "auto", r
     (boot_critical); policy: the configuration's initramfs = auto | always | never;
     rebuilt_by_package: a package of the transaction runs dracut itself (Fedora's kernel-modules
     %posttrans); env: why this system's initramfs cannot be regenerated here (unsupported()), or None.
-    Returns engine.plan.InitramfsDecision (rebuild, by, reason, drivers).
+    Returns an InitramfsDecision (rebuild, by, reason, drivers).
     """
-    from .engine.plan import InitramfsDecision
 
     if policy not in ("auto", "always", "never"):
         raise InvalidInput(f"initramfs must be one of auto, always, never, not {policy!r}")

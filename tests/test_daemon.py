@@ -621,7 +621,7 @@ def test_killed_during_a_remediation_a_restart_converges(started, testbed, image
     assert {d["id"]: d["verdict"] for d in snap["devices"]} == {"0000:00:05.0": "loadable"}
 
 
-FIX_FINISHED_ID = "d122649fd7854f629fea458b7bce3c1e"  # kmodguard.daemon.systemd.MESSAGE_IDS["fix-finished"]
+FIX_FINISHED_ID = "d122649fd7854f629fea458b7bce3c1e"  # kmodguard.journal.MESSAGE_IDS["fix-finished"]
 
 
 @pytest.mark.parametrize("when", ["finishes-while-the-new-daemon-waits", "finished-while-no-daemon-ran"])

@@ -25,7 +25,7 @@ import pytest
 import synthetic
 REPO = Path(__file__).resolve().parent.parent
 from kmodguard import initramfs
-from kmodguard.engine.plan import InitramfsDecision
+from kmodguard.initramfs import InitramfsDecision
 from kmodguard.errors import InvalidInput
 from kmodguard.initramfs import InitramfsFailed
 from kmodguard.paths import Paths

@@ -85,6 +85,18 @@ class Backend(Protocol):
         cache_only: from the package manager's cache, never the network (status, explain)."""
 
 
+def query_fresh(backend: Backend, requests: list[str], progress: Progress) -> list[Offer]:
+    """The backend's offers; when one is missing, the metadata refreshed once (a cloud image's
+    lists are often empty or stale) and asked again: "not available" is said only after that."""
+    offers = backend.query(requests)
+    refresh = getattr(backend, "refresh", None)  # every backend here has one; a caller's own may not
+    if refresh is not None and not all(o.available for o in offers):
+        progress(f"{backend.name}: refreshing the repository metadata")
+        refresh()
+        offers = backend.query(requests)
+    return offers
+
+
 def driver_announcements(backend, *, cache_only: bool) -> Announcements:
     """backend.driver_announcements (modalias() provides and supplements in the repository
     metadata), or an answer that says plainly this backend cannot tell."""

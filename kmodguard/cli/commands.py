@@ -647,7 +647,7 @@ def _apply_policy(engine, plan, need) -> dict:
     daemon = read_snapshot(engine.paths.snapshot)
     if mode == "off":
         return {"action": "none", "detail": "mode off"}
-    from ..daemon.systemd import fields
+    from ..journal import fields
 
     for d, v in need:  # the daemon's journal entry, MESSAGE_ID and fields (README: "needs a driver")
         first = v.candidates[0] if v.candidates else None
@@ -710,7 +710,7 @@ def _warn_initramfs(doc, notify: bool) -> None:
     directly; and always on stderr when there is no journal to take it."""
     import logging
 
-    from ..daemon.systemd import fields
+    from ..journal import fields
 
     init = doc["initramfs"]
     log = logging.getLogger("kmodguard.check")

@@ -4,7 +4,7 @@
   monitor.py  pyudev's monitor on the asyncio loop
   runner.py   where a fix runs: kmodguard-fix.service under systemd, else a child process
   bus.py      the D-Bus front (org.kmodguard.Daemon1) with authorization
-  systemd.py  sd_notify, the watchdog, journal MESSAGE_IDs
+  systemd.py  sd_notify and the watchdog (MESSAGE_IDs: kmodguard.journal)
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from ..errors import Busy, InvalidInput, KmodguardError
 from ..paths import Paths
 from . import runner as runners
 from . import systemd
+from .. import journal
 from .monitor import UdevWatch
 
 log = logging.getLogger("kmodguard.daemon")
@@ -136,7 +137,7 @@ class Daemon:
         self.decide(None)
         log.info("watching %s events; %d device(s) need a driver; mode %s; fixes run as %s",
                  self.watch.source, len(self.held), self.policy.mode, self.runner.name,
-                 extra=systemd.fields("started"))
+                 extra=journal.fields("started"))
         systemd.notify(READY=1, STATUS=self.status_line())
 
     async def run(self) -> None:
@@ -359,7 +360,7 @@ class Daemon:
                     self._resolved(device.id, verdict.verdict, now)
                 if verdict.verdict == "unindexed" and device.id not in self._noted and self.policy.mode != "off":
                     self._noted.add(device.id)
-                    log.warning("%s: %s", device.id, verdict.reason, extra=systemd.fields(
+                    log.warning("%s: %s", device.id, verdict.reason, extra=journal.fields(
                         "unindexed", device=device.syspath, modalias=device.modalias))
             # the event log keeps what a reader wants: every device of a burst, and from a full
             # rescan only news (not the same dozens of bound or ignored CPUs after every fix)
@@ -412,14 +413,14 @@ class Daemon:
         what = (f"{held.module or 'the driver'} in {held.candidate.package} {held.candidate.version}" if held.candidate
                 else f"installed module {held.module}")  # no module: a repository announces the package
         log.warning("%s needs a driver: %s (%s): %s", held.device.id, held.verdict.verdict, what, held.verdict.reason,
-                    extra=systemd.fields("needs-driver", device=held.device.syspath, modalias=held.device.modalias,
+                    extra=journal.fields("needs-driver", device=held.device.syspath, modalias=held.device.modalias,
                                          package=held.candidate.package if held.candidate else None,
                                          module=held.module, kmodguard_verdict=held.verdict.verdict))
         self.publisher.needs_driver(held)
 
     def _resolved(self, device_id: str, verdict: str, t: float) -> None:
         log.info("%s no longer needs a driver: %s", device_id, verdict,
-                 extra=systemd.fields("resolved", device=device_id, kmodguard_verdict=verdict))
+                 extra=journal.fields("resolved", device=device_id, kmodguard_verdict=verdict))
         self.events.append({"t": t, "kind": "resolved", "device": device_id, "verdict": verdict})
         self.publisher.resolved(device_id, verdict)
 
@@ -498,7 +499,7 @@ class Daemon:
         self.publish()
         log.info("fixing %s (requested by %s, request %s)", ", ".join(request["devices"]) or "nothing",
                  request.get("requested_by"), rid,
-                 extra=systemd.fields("fix-started", kmodguard_request=rid, device=" ".join(request["devices"])))
+                 extra=journal.fields("fix-started", kmodguard_request=rid, device=" ".join(request["devices"])))
         path = self.paths.state_dir / state.REQUEST_FILE
         try:
             code = await self.runner.run(path, lambda message: self.publisher.fix_progress(rid, message))
@@ -528,7 +529,7 @@ class Daemon:
         summary = ("; ".join(f"{o['id']}: {o['outcome']}" for o in outcomes)
                    or (record.get("error") or {}).get("message") or "nothing to do")
         log.log(level, "fix %s finished (exit %s): %s", rid, record.get("exit_code"), summary,
-                extra=systemd.fields("fix-finished", kmodguard_request=rid,
+                extra=journal.fields("fix-finished", kmodguard_request=rid,
                                      kmodguard_exit_code=record.get("exit_code")))
         self.publisher.fix_finished(rid, int(record.get("exit_code") or 0), record)
         if rid:

@@ -14,6 +14,7 @@ from .. import requests
 from ..config import Config
 from ..errors import InvalidInput
 from ..devices import Device
+from ..initramfs import InitramfsDecision
 from .diagnosis import Verdict
 
 
@@ -46,16 +47,6 @@ class DeviceAction(NamedTuple):
 
     def as_json(self) -> dict:
         return dict(self._asdict())
-
-
-class InitramfsDecision(NamedTuple):
-    rebuild: bool
-    by: str | None  # "package" | "kmodguard" | None
-    reason: str
-    drivers: tuple[str, ...] = ()
-
-    def as_json(self) -> dict:
-        return {"rebuild": self.rebuild, "by": self.by, "reason": self.reason, "drivers": list(self.drivers)}
 
 
 class Plan(NamedTuple):

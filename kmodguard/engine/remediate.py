@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .. import process
-from ..backends import Backend, Progress
+from ..backends import Backend, Progress, query_fresh
 from ..config import Config
 from ..errors import ExitCode, KmodError, KmodguardError, PackageUnavailable
 from ..kmod import Context
@@ -68,18 +68,6 @@ class FixReport(NamedTuple):
     def as_json(self) -> dict:
         return {**self.plan.as_json(), "steps": [s.as_json() for s in self.steps],
                 "outcomes": [o.as_json() for o in self.devices]}
-
-
-def query_fresh(backend: Backend, requests: list[str], progress: Progress) -> list:
-    """The backend's offers; when one is missing, the metadata refreshed once (a cloud image's
-    lists are often empty or stale) and asked again: "not available" is said only after that."""
-    offers = backend.query(requests)
-    refresh = getattr(backend, "refresh", None)  # PackageKit has none here: its daemon keeps its own cache
-    if refresh is not None and not all(o.available for o in offers):
-        progress(f"{backend.name}: refreshing the repository metadata")
-        refresh()
-        offers = backend.query(requests)
-    return offers
 
 
 def unavailable_hint(backend: Backend) -> str:

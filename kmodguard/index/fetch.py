@@ -75,7 +75,7 @@ def fetch(engine, kver: str, progress: Callable[[str], None], *, download: bool 
                                   "'kmodguard index build --from-rpm FILE...' or '--from-dir'")
     wanted = _requests(engine.policy, backend.name, kver)
     progress(f"asking the repositories for the modules packages of kernel {kver}")
-    from ..engine.remediate import query_fresh
+    from ..backends import query_fresh
 
     offers = {o.request: o for o in query_fresh(backend, list(wanted.values()), progress)}
     available = {name: req for name, req in wanted.items() if offers.get(req) and offers[req].available}
