@@ -87,7 +87,7 @@ class Device(NamedTuple):
 
     @property
     def id(self) -> str:
-        """The PCI address for PCI devices, the syspath otherwise (the Contract's device id)."""
+        """The PCI address for PCI devices, the syspath otherwise (the Contract's device id, docs/contract.md)."""
         return self.sysname if self.subsystem == "pci" else self.syspath
 
 

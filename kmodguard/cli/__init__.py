@@ -1,4 +1,4 @@
-"""kmodguard's command line: a thin front over the engine. Exit codes and JSON per the Contract."""
+"""kmodguard's command line: a thin front over the engine. Exit codes and JSON per the Contract (docs/contract.md)."""
 
 from __future__ import annotations
 

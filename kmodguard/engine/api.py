@@ -1,5 +1,5 @@
 """The engine as its fronts use it: the CLI and the daemon (and through it D-Bus) ask the same
-questions here and get the same documents back (the Contract's JSON shapes).
+questions here and get the same documents back (the Contract's JSON shapes, docs/contract.md).
 
 No transport code: nothing here prints, parses options or touches a bus.
 """

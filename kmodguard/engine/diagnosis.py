@@ -1,4 +1,4 @@
-"""From a device (or a bare modalias) to one verdict with its reason, as the Contract defines them.
+"""From a device (or a bare modalias) to one verdict with its reason, as the Contract (docs/contract.md) defines them.
 
 Verdicts, first that applies wins: bound, ignored, loadable, missing, unindexed, unknown.
 Blacklists are judged over installed and indexed modules together: a blacklisted module does
