@@ -10,7 +10,6 @@ asserted is read from the system: the installroot's rpm database, dnf history, d
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import subprocess
 from pathlib import Path
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from synthetic import ALIAS
-from unprivileged import NOBODY
 
 QUICK = 20  # seconds: a hang fails the test instead of blocking it
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
-from ..errors import ExitCode, InvalidInput, KmodguardError
+from ..errors import ExitCode, InvalidInput
 from ..paths import Paths
 from .output import HEADINGS, ORDER, emit_json, install_command, progress, safe, table
 
@@ -476,17 +475,9 @@ def _print_fix(doc: dict, as_json: bool) -> None:
 
 
 def _fix_request(args, paths) -> int:
-    """The fix the daemon asked for (kmodguard-fix.service, or the daemon's child process).
-
-    Under the fix lock (waited for, up to timeouts.lock_wait: a fix already running goes first)
-    the request file is consumed, renamed to STATE_DIR/fix-request.taken.json, before anything
-    is done, and the fix's record (STATE_DIR/last-fix.json, with the request's id) is written
-    before the lock is let go. So a request is pending, being run (lock held), or done: a daemon
-    starting meanwhile never runs it a second time. No request left at FILE: another fix took
-    it, nothing to do here. A request left behind by a kill is resumed by the daemon."""
-    from .. import config as config_mod
-    from ..engine import state
-    from ..errors import Busy
+    """The fix the daemon asked for (kmodguard-fix.service, or the daemon's child process): root
+    only; the workflow (lock, take, judge again, run, record) is engine.fixing.run_request's."""
+    from ..engine import fixing
 
     if args.devices or args.dry_run:
         raise InvalidInput("--request names the devices itself; it does not go with DEVICE or --dry-run")
@@ -498,57 +489,9 @@ def _fix_request(args, paths) -> int:
     from .output import outlive_the_reader
 
     outlive_the_reader()  # a daemon restarted meanwhile no longer reads our output: go on regardless
-    lock = state.RemediationLock(paths.state_dir, wait=config_mod.load(paths.config_dir).timeouts.lock_wait)
-    try:
-        lock.__enter__()
-    except Busy as exc:  # still pending: a daemon may run it later; this try's end is recorded
-        request = state.pending_request(paths.state_dir) if Path(args.request) == \
-            paths.state_dir / state.REQUEST_FILE else None
-        if request is not None:
-            state.record_fix(paths.state_dir, {"id": request["id"], "requested_by": request.get("requested_by"),
-                                               "devices": request["devices"], "finished": time.time(),
-                                               "exit_code": int(exc.exit_code), **exc.as_json()})
-        raise
-    try:
-        request = state.take_request(paths.state_dir, Path(args.request))
-        if request is None:
-            progress(f"no fix request at {args.request}: another fix took it; nothing to do")
-            return ExitCode.OK
-        return _run_request(args, paths, request)
-    finally:
-        lock.__exit__(None, None, None)
-
-
-def _run_request(args, paths, request: dict) -> int:
-    from .. import config as config_mod
-    from ..engine import state
-    from ..engine.api import Engine
-
-    where = f"request {request['id']}"
-    try:
-        if request["kernel"] != paths.kver:
-            if args.kver:
-                raise InvalidInput(f"{where} is a fix for kernel {request['kernel']}, not {args.kver}")
-            paths = paths.with_kver(request["kernel"])  # the daemon judged that kernel's devices
-        policy = config_mod.with_overrides(config_mod.load(paths.config_dir), request["overrides"],
-                                           where=f"{where}: overrides")
-        engine = Engine(paths, policy, online=True)
-        devices = engine.select(request["devices"], missing_ok=True) if request["devices"] else []
-        plan = engine.plan(engine.judge(devices))
-    except KmodguardError as exc:  # taken, so recorded: the daemon reports how it ended
-        state.record_fix(paths.state_dir, {"id": request["id"], "requested_by": request.get("requested_by"),
-                                           "devices": request["devices"], "finished": time.time(),
-                                           "exit_code": int(exc.exit_code), **exc.as_json()})
-        raise
-    if plan.blocked or not plan.needs_action:
-        report = {**plan.as_json(), "steps": [], "outcomes": []}
-        state.record_fix(paths.state_dir, {"id": request["id"], "requested_by": request.get("requested_by"),
-                                           "devices": request["devices"], "exit_code": int(ExitCode.OK),
-                                           "finished": time.time(), "report": report, "nothing_to_do": True})
+    code, report = fixing.run_request(paths, Path(args.request), args.backend, progress, kver_asked=bool(args.kver))
+    if report is not None:
         _print_fix(report, args.json)
-        return ExitCode.OK
-    code, doc = engine.run_fix(plan, engine.backend(args.backend), progress, request=request)
-    _print_fix(doc, args.json)
     return code
 
 
@@ -636,48 +579,10 @@ def _check_now(args, paths, devices) -> int:
 
 
 def _apply_policy(engine, plan, need) -> dict:
-    """What the policy's mode says to do about the devices that need a driver now."""
-    import logging
+    from ..engine.fixing import apply_mode
+    from . import client
 
-    from ..engine.offer import Offer, motd_text, write_motd
-    from ..engine.state import read_snapshot
-
-    log = logging.getLogger("kmodguard.check")
-    mode = engine.policy.mode
-    daemon = read_snapshot(engine.paths.snapshot)
-    if mode == "off":
-        return {"action": "none", "detail": "mode off"}
-    from ..journal import fields
-
-    for d, v in need:  # the daemon's journal entry, MESSAGE_ID and fields (README: "needs a driver")
-        first = v.candidates[0] if v.candidates else None
-        log.warning("%s needs a driver: %s: %s", d.id, v.verdict, v.reason,
-                    extra=fields("needs-driver", device=d.syspath, modalias=d.modalias,
-                                 package=first.package if first else None,
-                                 module=first.module if first else None, kmodguard_verdict=v.verdict))
-    if mode == "offer" or not engine.auto_eligible(plan.devices):
-        if daemon is None:  # the daemon keeps the MOTD when it runs
-            candidates = {a.id: a for a in plan.devices}
-            offers = [Offer(d.id, candidates[d.id].module, candidates[d.id].package,
-                            v.candidates[0].version if v.candidates else None)
-                      for d, v in need if candidates.get(d.id) and candidates[d.id].action in ("install", "load")]
-            write_motd(engine.paths.motd, motd_text(offers))
-        return {"action": "offer", "detail": f"{len(need)} device(s) announced"
-                + ("" if mode == "offer" else "; none that mode auto may fix (bus, back-off or this system)")}
-    ids = engine.auto_eligible(plan.devices)
-    if daemon and daemon.get("bus"):
-        from . import client
-
-        code, doc = client.fix(ids, {}, progress)
-        return {"action": "fix", "detail": f"the daemon fixed {', '.join(ids)} (exit {code})", "exit_code": code,
-                "report": doc}
-    if os.geteuid() != 0:
-        from ..errors import NotAuthorized
-
-        raise NotAuthorized("mode auto fixes devices: run 'kmodguard check --apply-policy' as root")
-    fix_plan = engine.plan(engine.judge(engine.select(ids)))
-    code, doc = engine.run_fix(fix_plan, engine.backend(), progress)
-    return {"action": "fix", "detail": f"fixed {', '.join(ids)} (exit {code})", "exit_code": code, "report": doc}
+    return apply_mode(engine, plan, need, progress, client.fix)
 
 
 def _check_kernel(args, paths, devices) -> int:

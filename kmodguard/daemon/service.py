@@ -27,7 +27,7 @@ import pyudev
 
 from .. import config as config_mod
 from ..devices import Device, from_udev, udev_context
-from ..engine import state
+from ..engine import fixing, state
 from ..engine.api import Engine, Judged, device_json
 from ..engine.diagnosis import NEEDS_ACTION, Verdict
 from ..engine.offer import Offer, motd_text, write_motd
@@ -42,7 +42,6 @@ log = logging.getLogger("kmodguard.daemon")
 
 MAX_BATCH_EXTRA = 5.0  # a burst that never goes quiet is still fixed this long after its window
 EVENT_LOG = 64  # recent events kept in the snapshot
-STILL_NEEDS = "still needs a driver after kmodguard fix"
 
 
 def _iso(t: float) -> str:
@@ -460,11 +459,8 @@ class Daemon:
             log.error("automatic fix of %s failed: %s", ", ".join(device_ids), exc.message)
             self.decide(None)
         # No retry storm: a device the fix did not serve waits out a back-off before the next try.
-        backoff = state.Backoff(self.paths.state_dir)
-        for device_id in device_ids:
-            if device_id in self.held and not backoff.waiting(device_id):
-                backoff.failed(device_id, STILL_NEEDS)
-        backoff.save()
+        fixing.back_off(self.paths.state_dir, [i for i in device_ids if i in self.held], fixing.STILL_NEEDS,
+                        unless_waiting=True)
 
     def _arm_retry(self) -> None:
         """One timer for the earliest back-off to expire (auto mode), so a failed device is tried
@@ -509,10 +505,9 @@ class Daemon:
             self.fix_running = False
         record = state.last_fix(self.paths.state_dir)
         if record is None or record.get("id") != rid:
-            record = {"id": rid, "requested_by": request.get("requested_by"), "devices": request["devices"],
-                      "exit_code": code or 1, "finished": time.time(),
-                      "error": {"name": "Failed", "message": f"the fix ({self.runner.name}) ended with status {code} "
-                                                             "without a report; see the journal"}}
+            record = fixing.fix_record(request, request["devices"], exit_code=code or 1, error={
+                "name": "Failed", "message": f"the fix ({self.runner.name}) ended with status {code} without a "
+                                             "report; see the journal"})
         self._finished(record)
         return record
 

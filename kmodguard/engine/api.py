@@ -195,42 +195,29 @@ class Engine:
         """Carry out the plan (engine.remediate), then record how it ended in STATE_DIR/last-fix.json
         whatever happened, and put the devices of a fix that failed before probing on back-off.
         Returns (exit code, document); a KmodguardError is re-raised after it is recorded."""
-        from . import state
+        from . import fixing, state
         from .remediate import Remediation
 
         started = time.time()
         acting = [d.id for d in plan.devices if d.action in ("install", "load")]
-        record = {"id": (request or {}).get("id"), "requested_by": (request or {}).get("requested_by", "cli"),
-                  "devices": acting, "started": started}
         # the record is written before the lock is let go (the lock nests when the caller, a fix
         # for a daemon's request, holds it already): whoever takes the lock next sees the record
         try:
             lock = state.RemediationLock(self.paths.state_dir).__enter__()
         except KmodguardError as exc:  # Busy: another fix runs; this one never started
-            self._failed(record, acting, exc)
+            fixing.failed(self.paths.state_dir, request, acting, exc, started)
             raise
         try:
             report = Remediation(self.paths, self.policy, backend, progress).run(plan)
             doc = report.as_json()
-            state.record_fix(self.paths.state_dir, {**record, "finished": time.time(),
-                                                    "exit_code": report.exit_code, "report": doc})
+            state.record_fix(self.paths.state_dir, fixing.fix_record(request, acting, exit_code=report.exit_code,
+                                                                     started=started, report=doc))
         except KmodguardError as exc:
-            self._failed(record, acting, exc)
+            fixing.failed(self.paths.state_dir, request, acting, exc, started)
             raise
         finally:
             lock.__exit__(None, None, None)
         return report.exit_code, doc
-
-    def _failed(self, record: dict, acting: list[str], exc: KmodguardError) -> None:
-        """A fix that failed before its devices were probed: they back off; the failure is recorded."""
-        from . import state
-
-        backoff = state.Backoff(self.paths.state_dir)
-        for device_id in acting:
-            backoff.failed(device_id, exc.message)
-        backoff.save()
-        state.record_fix(self.paths.state_dir, {**record, "finished": time.time(), "exit_code": int(exc.exit_code),
-                                                **exc.as_json()})
 
 
 def device_json(d: Device, v: Verdict) -> dict:
