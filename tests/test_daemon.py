@@ -824,3 +824,31 @@ def test_the_fix_child_ignores_a_planted_kmodguard_in_the_working_directory(tmp_
     rc = asyncio.run(ChildRunner(dict(indexed.env, PYTHONPATH=str(planted))).run(request, lines.append))
     assert not marker.exists(), lines
     assert rc == 0 and any("no fix request at" in line for line in lines), lines
+
+
+# --- one decision, whoever asks -------------------------------------------------------------------
+
+def test_the_daemon_check_apply_policy_and_fix_dry_run_decide_alike(started, testbed, indexed, tmp_path):
+    """The same devices and policy: the daemon's announcements, `check --apply-policy` (its journal
+    entries) and `fix --dry-run`'s plan name the same devices, one decision (engine.fixing)."""
+    records = (pci_record("0000:00:05.0", GPU) + pci_record("0000:00:06.0", EXTRA_XZ)
+               + pci_record("0000:00:07.0", NONE)
+               + pci_record("0000:00:08.0", synthetic.ALIAS["installed"], driver="kmg_installed"))
+    daemon, _client = started(records=records)
+    snap = daemon.wait_until(lambda s: len(s["needs_driver"]) == 2, 15, "the two devices announced")
+    announced = sorted(snap["needs_driver"])
+    env = {**daemon.env, "UMOCKDEV_DIR": testbed.root, "KMODGUARD_KVER": KVER}  # the kernel taken as running
+
+    def kmodguard(*args):
+        return subprocess.run(["umockdev-wrapper", sys.executable, "-m", "kmodguard", *args],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    check = kmodguard("check", "--apply-policy", "--json")
+    assert check.returncode == 3, check.stderr
+    doc = json.loads(check.stdout)
+    assert doc["applied"]["action"] == "offer" and sorted(d["id"] for d in doc["devices"]) == announced
+    for device_id in announced:  # check's own journal line for each, as the daemon's
+        assert f"{device_id} needs a driver" in check.stderr, check.stderr
+    plan = json.loads(kmodguard("fix", "--dry-run", "--json").stdout)
+    assert sorted(d["id"] for d in plan["devices"] if d["action"] in ("install", "load")) == announced
+    assert announced == ["0000:00:05.0", "0000:00:06.0"]
