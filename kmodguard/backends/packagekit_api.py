@@ -78,6 +78,7 @@ ERROR_NAMES = {0: "unknown", 1: "oom", 2: "no-network", 3: "not-supported", 4: "
                43: "no-more-mirrors-to-try", 46: "no-space-on-device", 48: "not-authorized",
                50: "cannot-install-repo-unsigned", 56: "package-failed-to-configure",
                58: "package-failed-to-install", 61: "package-database-changed", 62: "provide-type-not-supported",
+               63: "install-root-invalid", 64: "cannot-fetch-sources", 65: "cancelled-priority",
                66: "unfinished-transaction", 67: "lock-required"}
 
 # The members kmodguard uses, as packagekitd (1.x) declares them: proxies need no Introspect round trip.
