@@ -10,6 +10,11 @@ auto mode the fix waits until udev has been quiet for `timeouts.settle`, so an S
 out of process (runner.py); the daemon converges from the system after it.
 
 Fronts subscribe through `Publisher` (the D-Bus interface is one); the daemon imports no bus code.
+What a fix is, its record, back-off and a previous daemon's leftovers are engine/fixing.py's.
+
+Over 400 lines on purpose: the daemon is one state machine (the devices held, the settle and fix
+windows, the fix queue, the take-over, the snapshot it publishes), whose invariants are read
+together.
 """
 
 from __future__ import annotations
@@ -530,6 +535,10 @@ class Daemon:
         if rid:
             state.finish_request(self.paths.state_dir, rid)  # reported: a later daemon leaves it alone
 
+    def _finished_unwatched(self, record: dict) -> None:
+        log.info("the fix of request %s ended while no daemon watched it", record.get("id"))
+        self._finished(record)
+
     async def _wait_for_fix_lock(self) -> None:
         """Until no fix holds STATE_DIR/fix.lock (polled: a thread blocked in flock would hold up
         the daemon's exit; this happens only while a fix runs)."""
@@ -563,14 +572,7 @@ class Daemon:
                     self.fix_running = False
             while True:
                 try:
-                    with state.RemediationLock(sd):
-                        taken, record = state.taken_request(sd), state.last_fix(sd)
-                        if taken is not None and record is not None and record.get("id") == taken["id"]:
-                            log.info("the fix of request %s ended while no daemon watched it", taken["id"])
-                            self._finished(record)
-                        elif taken is not None:
-                            state.requeue(sd, taken)
-                        pending = state.pending_request(sd)
+                    pending = fixing.leftover(sd, self._finished_unwatched)
                     break
                 except Busy:  # a fix took the lock in between (one started by the previous daemon)
                     await self._wait_for_fix_lock()

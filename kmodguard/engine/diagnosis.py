@@ -1,4 +1,5 @@
-"""From a device (or a bare modalias) to one verdict with its reason, as the Contract (docs/contract.md) defines them.
+"""From a device (or a bare modalias) to one verdict with its reason, as the Contract
+(docs/contract.md) defines them.
 
 Verdicts, first that applies wins: bound, ignored, loadable, missing, unindexed, unknown.
 Blacklists are judged over installed and indexed modules together: a blacklisted module does
@@ -7,6 +8,10 @@ when a not-installed package holds a match nothing blacklists, and 'ignored' onl
 anywhere may be loaded.
 All matching is libkmod's: the installed module tree with the system's modprobe.d, and each
 indexed package's alias table with the package's own modprobe.d.
+
+Over 400 lines on purpose: the verdict order is one chain of checks (each `_..._verdict` hands on
+to the next) and reads best whole; the data it reads is elsewhere (index/, kmod/, firmware.py,
+repository.py).
 """
 
 from __future__ import annotations

@@ -113,6 +113,20 @@ def _run_taken(paths: Paths, request: dict, backend: str | None, progress: Progr
     return engine.run_fix(plan, engine.backend(backend), progress, request=request)
 
 
+def leftover(state_dir: Path, report: Callable[[dict], None]) -> dict | None:
+    """Take over what a previous daemon left, holding the fix lock for a moment (Busy if a fix
+    holds it): a taken request whose fix ran to its end unreported is reported (`report(record)`,
+    under the lock, as a fix of this daemon's); a taken request without its record was killed and
+    is handed back as pending. Returns the pending request to resume, if any."""
+    with state.RemediationLock(state_dir):
+        taken, record = state.taken_request(state_dir), state.last_fix(state_dir)
+        if taken is not None and record is not None and record.get("id") == taken["id"]:
+            report(record)
+        elif taken is not None:
+            state.requeue(state_dir, taken)
+        return state.pending_request(state_dir)
+
+
 def apply_mode(engine, plan, need, progress: Progress, daemon_fix: Callable | None) -> dict:
     """What the policy's mode says to do about the devices that need a driver now (`need`: the
     (device, verdict) pairs), as the daemon does: offer writes their journal entries (MESSAGE_ID
