@@ -130,9 +130,10 @@ class AptRepo:
         return f"copy:{self.dir}"  # file: would link the root's lists to the repository's: never stale
 
     def publish(self, debs: list[Path], sign_with: rpmbuild.TestKey | None = None,
-                contents: bool = False) -> "AptRepo":
-        """Exactly these packages, Packages/Release regenerated and signed (InRelease, Release.gpg);
-        contents: a Contents-amd64 too (what apt-file's Contents-deb target fetches)."""
+                contents: bool = False, signed: bool = True) -> "AptRepo":
+        """Exactly these packages, Packages/Release regenerated and signed (InRelease, Release.gpg;
+        signed=False: neither, an unsigned repository); contents: a Contents-amd64 too (what
+        apt-file's Contents-deb target fetches)."""
         for old in self.dir.glob("*"):
             old.unlink()
         for deb in debs:
@@ -143,6 +144,8 @@ class AptRepo:
         release = _run(["apt-ftparchive", "-o", "APT::FTPArchive::Release::Origin=kmodguard-tests",
                         "release", "."], cwd=self.dir).stdout
         (self.dir / "Release").write_text(release)
+        if not signed:
+            return self
         key = sign_with or self.key
         gpg = ["gpg", "--batch", "--homedir", str(key.home), "--pinentry-mode", "loopback", "--passphrase", "",
                "--local-user", key.fingerprint, "--yes"]
@@ -171,6 +174,27 @@ def make_debs(base: Path) -> Debs:
     modules = build_deb(base / "debs", work, MODULES, synthetic.INSTALLED)
     extra = build_deb(base / "debs", work, EXTRA, synthetic.KERNEL_MODULES, depends=f"{MODULES} (= {VERSION})")
     return Debs(modules, extra, work / EXTRA)
+
+
+@dataclass
+class World:
+    """The packages, a throwaway key, the signed repository holding both, and a root with
+    linux-modules-KVER installed (its sources not yet written)."""
+
+    debs: Debs
+    key: rpmbuild.TestKey
+    repo: AptRepo
+    root: Path
+
+    def close(self) -> None:
+        rpmbuild.stop_agent(self.key)
+
+
+def make_world(base: Path) -> World:
+    debs = make_debs(base)
+    key = rpmbuild.make_test_key(base / "gnupg")
+    repo = make_repo(base / "repo", key).publish([debs.modules, debs.extra])
+    return World(debs, key, repo, make_base_root(base / "root", debs))
 
 
 def make_base_root(dest: Path, debs: Debs) -> Path:

@@ -45,35 +45,53 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+{policies}
+</busconfig>
+"""
+# kmodguard's own policy as it ships, and root standing in for polkitd (dbusmock's)
+KMODGUARD_POLICIES = f"""  <policy context="default">
     <!-- polkitd's own policy lets everyone ask it -->
     <allow send_destination="org.freedesktop.PolicyKit1"/>
   </policy>
-  <!-- root stands in for the services of the test (dbusmock's polkitd) -->
   <policy user="root">
     <allow own="org.freedesktop.PolicyKit1"/>
     <allow send_type="method_call"/>
   </policy>
-  <include>{policy}</include>
-</busconfig>
-"""
+  <include>{POLICY}</include>"""
 
 
 class SystemBus:
-    """dbus-daemon with a system bus configuration on a private socket; stopped by its PID."""
+    """dbus-daemon with a system bus configuration on a private socket; stopped by its PID.
+    policies: the configuration's policy part (kmodguard's own, and root standing in for polkitd)."""
 
-    def __init__(self):
+    def __init__(self, policies: str = KMODGUARD_POLICIES):
         # in a directory every user can reach: the unprivileged callers of the tests connect too
         self.dir = Path(tempfile.mkdtemp(prefix="kmg-bus-", dir="/tmp"))
         os.chmod(self.dir, 0o755)
         tmp = self.dir
         self.socket = tmp / "system_bus_socket"
         config = tmp / "system.conf"
-        config.write_text(BUS_CONFIG.format(socket=self.socket, policy=POLICY))
+        config.write_text(BUS_CONFIG.format(socket=self.socket, policies=policies))
         out = subprocess.run(["dbus-daemon", "--config-file", str(config), "--fork", "--nopidfile",
                               "--print-address=1", "--print-pid=1"], capture_output=True, text=True, timeout=30,
                              check=True)
         address, pid = out.stdout.split()
         self.address, self.pid = address, int(pid)
+        self.env = {"DBUS_SYSTEM_BUS_ADDRESS": self.address}
+
+    def owner(self, name: str) -> bool:
+        res = subprocess.run(["busctl", f"--address={self.address}", "status", name], capture_output=True,
+                             text=True, timeout=10)
+        return res.returncode == 0
+
+    def wait_for(self, name: str, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+        """Until `name` has an owner; fails with proc's log when proc ends or the time is up."""
+        deadline = time.monotonic() + timeout
+        while not self.owner(name):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{name} did not come up on the test bus:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         try:
@@ -81,7 +99,6 @@ class SystemBus:
         except ProcessLookupError:
             pass
         shutil.rmtree(self.dir, ignore_errors=True)
-
 
 class Testbed:
     """A umockdev testbed: the daemon (preloaded) sees its sysfs and receives its uevents.

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
-import time
 from pathlib import Path
+
+import daemon_world
 
 PACKAGEKITD = "/usr/libexec/packagekitd"
 POLKITD = "/usr/lib/polkit-1/polkitd"
@@ -30,32 +29,6 @@ POLKITD = "/usr/lib/polkit-1/polkitd"
 POLICIES = ("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf",
             "/etc/dbus-1/system.d/org.freedesktop.PackageKit.conf")
 STATE_DIRS = ("/var/lib/PackageKit", "/var/cache/PackageKit")
-
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <!-- Debian's system.conf: nobody owns a name or calls a method unless a policy file allows it -->
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>
-{includes}
-</busconfig>
-"""
 
 
 def preflight() -> None:
@@ -65,40 +38,13 @@ def preflight() -> None:
                              "packagekit and polkitd (tools/packages)")
 
 
-class SystemBus:
-    """dbus-daemon with the system bus's configuration and the services' real policy files."""
+class SystemBus(daemon_world.SystemBus):
+    """The test system bus (daemon_world.py: the default policy of Debian's system.conf) with the
+    two services' real policy files in place of kmodguard's."""
 
     def __init__(self):
         preflight()
-        self.dir = Path(tempfile.mkdtemp(prefix="kmg-pkbus-", dir="/tmp"))
-        os.chmod(self.dir, 0o755)
-        socket = self.dir / "system_bus_socket"
-        config = self.dir / "system.conf"
-        config.write_text(BUS_CONFIG.format(socket=socket, includes="\n".join(
-            f"  <include>{p}</include>" for p in POLICIES)))
-        out = subprocess.run(["dbus-daemon", "--config-file", str(config), "--fork", "--nopidfile",
-                              "--print-address=1", "--print-pid=1"], capture_output=True, text=True, timeout=30,
-                             check=True)
-        self.address, pid = out.stdout.split()
-        self.pid = int(pid)
-        self.env = {"DBUS_SYSTEM_BUS_ADDRESS": self.address}
-
-    def owner(self, name: str) -> bool:
-        res = subprocess.run(["busctl", f"--address={self.address}", "status", name], capture_output=True,
-                             text=True, timeout=10)
-        return res.returncode == 0
-
-    def wait_for(self, name: str, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.owner(name):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{name} did not come up on the test bus:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        with _gone():
-            os.kill(self.pid, signal.SIGTERM)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        super().__init__("\n".join(f"  <include>{p}</include>" for p in POLICIES))
 
 
 def start_polkitd(bus: SystemBus) -> subprocess.Popen:

@@ -10,21 +10,16 @@ import os
 import pytest
 
 import aptroot
-import rpmbuild
 from kmodguard.backends.apt import TARGETS_CACHE, AptBackend
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    base = tmp_path_factory.mktemp("apt-targets")
-    debs = aptroot.make_debs(base)
-    key = rpmbuild.make_test_key(base / "gnupg")
-    repo = aptroot.make_repo(base / "repo", key).publish([debs.modules, debs.extra])
-    root = aptroot.make_base_root(base / "root", debs)
-    aptroot.write_sources(root, repo)
-    aptroot.apt_get(root, "-q", "update")
-    yield root
-    rpmbuild.stop_agent(key)
+    world = aptroot.make_world(tmp_path_factory.mktemp("apt-targets"))
+    aptroot.write_sources(world.root, world.repo)
+    aptroot.apt_get(world.root, "-q", "update")
+    yield world.root
+    world.close()
 
 
 def counted(backend: AptBackend) -> list:

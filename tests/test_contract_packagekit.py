@@ -42,13 +42,9 @@ def machine(harness, tmp_path, kmodguard):
 
 
 def test_only_trusted_refuses_a_package_from_an_allow_insecure_source(machine, harness):
-    unsigned = machine.tmp / "unsigned"
-    unsigned.mkdir()
-    for deb in (harness.debs.modules, harness.debs.extra):
-        (unsigned / deb.name).write_bytes(deb.read_bytes())
-    aptroot._run(["sh", "-c", "apt-ftparchive packages . > Packages && apt-ftparchive release . > Release"],
-                 cwd=unsigned)  # no InRelease, no Release.gpg: unsigned
-    (machine.root / "etc/apt/sources.list").write_text(f"deb [allow-insecure=yes] copy:{unsigned} ./\n")
+    unsigned = aptroot.make_repo(machine.tmp / "unsigned", harness.key).publish(
+        [harness.debs.modules, harness.debs.extra], signed=False)  # no InRelease, no Release.gpg
+    (machine.root / "etc/apt/sources.list").write_text(f"deb [allow-insecure=yes] {unsigned.uri} ./\n")
     for f in (machine.root / "var/lib/apt/lists").glob("*_*"):
         f.unlink()
     before = machine.installed()

@@ -26,12 +26,9 @@ DEVICES = (f"P: /devices/pci0000:00/0000:00:05.0\nE: SUBSYSTEM=pci\nE: MODALIAS=
 @pytest.fixture(scope="session")
 def apt_world(tmp_path_factory):
     base = tmp_path_factory.mktemp("apt")
-    debs = aptroot.make_debs(base)
-    key = rpmbuild.make_test_key(base / "gnupg")
-    repo = aptroot.make_repo(base / "repo", key).publish([debs.modules, debs.extra])
-    root = aptroot.make_base_root(base / "root", debs)
-    yield debs, repo, root, base
-    rpmbuild.stop_agent(key)
+    world = aptroot.make_world(base)
+    yield world.debs, world.repo, world.root, base
+    world.close()
 
 
 @pytest.fixture
