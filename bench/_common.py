@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-for p in (str(REPO), str(REPO / "tests")):
+for p in (str(REPO), str(REPO / "tests" / "helpers")):
     if p not in sys.path:
         sys.path.insert(0, p)
 

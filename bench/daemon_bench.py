@@ -1,7 +1,7 @@
 """The daemon: udev's event -> the daemon's announcement, single events and storms; one fix per
 storm; an idle daemon.
 
-All with the real pieces of tests/test_daemon.py: a umockdev testbed (its uevents reach the
+All with the real pieces of tests/daemon/test_daemon.py: a umockdev testbed (its uevents reach the
 daemon's pyudev monitor), a private system-like dbus-daemon, the daemon as a subprocess, a D-Bus
 client timing the signals. Times are time.monotonic() in every process (CLOCK_MONOTONIC: one
 clock on one machine); the testbed's agent tells when it handed each uevent over.
@@ -15,7 +15,7 @@ clock on one machine); the testbed's agent tells when it handed each uevent over
   one second; each VF's DeviceNeedsDriver minus when its event was sent, p50/p99. Baseline: the
   same storm into the bare listener, which stamps each event as it reads it.
 - one fix per storm (auto mode): 256 VFs whose driver is in a not-installed package, in a
-  Fedora-like image (tests/dnfimage.py: signed RPMs, the real dnf 4); the fixes counted by dnf's
+  Fedora-like image (tests/helpers/dnfimage.py: signed RPMs, the real dnf 4); the fixes counted by dnf's
   own history of the image (goal: one transaction), and the fix's start after the last event.
 - idle: 60 s (10 with --quick) of a daemon with nothing to do: CPU ticks used (goal 0) and RSS
   (goal <= 30 MiB); then the same with WATCHDOG_USEC set, counting wake-ups (context switches)

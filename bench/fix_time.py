@@ -1,6 +1,6 @@
 """Time of `kmodguard fix --yes`, split into the package manager's time and kmodguard's own.
 
-Set-up (as tests/test_fix_dnf.py): signed Fedora-like kernel RPMs in a createrepo_c repository,
+Set-up (as tests/backends/test_fix_dnf.py): signed Fedora-like kernel RPMs in a createrepo_c repository,
 an installroot holding kernel-core + kernel-modules-core, two GPUs faked with umockdev, the real
 dnf 4. This machine's kernel cannot load modules, so a run ends at the load step instead of
 "device bound"; what is measured is everything a fix does up to it, from a fresh process:

@@ -4,7 +4,7 @@
 
 Every figure is set against a baseline measured in the same run on the same machine (machines
 are noisy; only ratios travel). The real-tree benchmarks share one world: Debian's
-kernel package linux-image-amd64 depends on today (tests/realtree.py: cached, or downloaded
+kernel package linux-image-amd64 depends on today (tests/helpers/realtree.py: cached, or downloaded
 once) split the Fedora way.
 See bench/README.md for what each figure means.
 """

@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# the helpers (tests/helpers/) are imported by name from every layer's tests
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import synthetic  # noqa: E402
 from unprivileged import Unprivileged  # noqa: E402
+
+# fixtures of the Fedora-like machine after its first fix (tests/helpers/fedora_machine.py), for every layer
+pytest_plugins = ["fedora_machine"]
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"

@@ -24,8 +24,8 @@ What is built (under ${KMODGUARD_TEST_CACHE:-/var/cache/kmodguard-tests}/e2e/bui
                            virtio-blk, ext4) in modprobe's order (modules.list)
   manifest.json            what was built; written last: a build directory without it is incomplete
 
-The directory name carries a hash of the inputs (the tree, the split table, this file, tests/rpmbuild.py
-and tests/realtree.py), so a second run reuses it and a change rebuilds it. Building happens in a
+The directory name carries a hash of the inputs (the tree, the split table, this file, tests/helpers/rpmbuild.py
+and tests/helpers/realtree.py), so a second run reuses it and a change rebuilds it. Building happens in a
 temporary directory renamed into place when complete, under a lock, so a killed run never leaves half
 a cache and two sessions never build at once. Older builds are removed after a successful build.
 
@@ -33,7 +33,7 @@ The version trap: Debian's kernel release 6.1.0-56-amd64 holds two '-', which an
 The packages therefore provide `kernel-modules-uname-r = 6.1.0-56.amd64` (rpm_uname(): the last '-'
 becomes '.'; RPM Version 6.1.0, Release 56), while every path and scriptlet uses the real
 6.1.0-56-amd64 (/lib/modules/6.1.0-56-amd64, `depmod -a 6.1.0-56-amd64`, `dracut -f --kver ...`).
-tests/rpmbuild.py ties both to one string, so e2e_spec() wraps its spec_text() and rewrites the
+tests/helpers/rpmbuild.py ties both to one string, so e2e_spec() wraps its spec_text() and rewrites the
 paths (see there).
 """
 
@@ -58,7 +58,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 REPO = TESTS.parent
-for p in (str(TESTS), str(HERE)):
+for p in (str(TESTS / "helpers"), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
@@ -201,7 +201,7 @@ def cache_key(tree: realtree.Tree, upgrade: realtree.Tree) -> str:
         for f in (t.mdir / "modules.order", t.root / "boot" / f"vmlinuz-{t.kver}"):
             st = f.stat()
             parts.append(f"{f.name}={st.st_size}:{st.st_mtime_ns}")
-    for f in (Path(__file__), TESTS / "rpmbuild.py", TESTS / "realtree.py", realtree.SPLIT_TABLE):
+    for f in (Path(__file__), TESTS / "helpers" / "rpmbuild.py", TESTS / "helpers" / "realtree.py", realtree.SPLIT_TABLE):
         parts.append(f"{f.name}={_sha(f)}")
     h.update("\n".join(parts).encode())
     return h.hexdigest()[:16]
@@ -351,7 +351,7 @@ def trim_selection(assigned: dict[str, str], deps: dict[str, list[str]],
 
 def _extra_blacklist(conf: Path, extra_rels: list[str], aliases: list[tuple[str, str]]) -> list[str]:
     """kernel-modules-extra's modprobe.d blacklist, as Fedora's mod-blacklist.sh writes it (the
-    same rule as tests/realtree.build_world: every module with a net- alias, and floppy)."""
+    same rule as tests/helpers/realtree.build_world: every module with a net- alias, and floppy)."""
     files = {realtree.module_name(rel): rel for rel in extra_rels}
     names = {m for pattern, m in aliases if m in files and pattern.startswith("net-")}
     if "floppy" in files:

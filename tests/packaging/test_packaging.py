@@ -14,7 +14,7 @@ import pytest
 
 import kmodguard
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGING = REPO / "packaging"
 
 # Where each file of units/ is installed (units/README.md's table, plus the files added since).

@@ -138,7 +138,7 @@ def core_payload(root: Path, kver: str) -> Path:
 
 
 def synthetic_payloads(root: Path, kver: str = KVER) -> dict[str, Path]:
-    """Payload roots for every subpackage, built from tests/synthetic.py's modules for kver:
+    """Payload roots for every subpackage, built from tests/helpers/synthetic.py's modules for kver:
     kernel-core gets core_payload; kernel-modules-core synthetic.INSTALLED, modules.order and the
     dangling build/source symlinks; kernel-modules KERNEL_MODULES; kernel-modules-extra
     KERNEL_MODULES_EXTRA plus etc/modprobe.d/kmg-extra-blacklist.conf (blacklists kmg_extra)."""

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from kmodguard.backends.apt import AptBackend
 from kmodguard.backends._rpmdb import split_request
 from kmodguard.engine.remediate import _load_error, kernel_reason
 from kmodguard.engine.state import Backoff, RemediationLock
@@ -112,18 +111,6 @@ def test_requests_have_one_shape(request_, ok):
     else:
         with pytest.raises(KmodguardError):
             split_request(request_)
-
-
-def test_apt_backend_asks_apt_for_real():
-    apt = AptBackend()
-    absent_name = "linux-modules-extra-6.1.0-999-kmg"
-    assert not apt.is_installed(absent_name)
-    [absent] = apt.query([absent_name])
-    assert not absent.available
-    with pytest.raises(KmodguardError):  # a bare name that names no kernel is no request kmodguard makes
-        apt.is_installed("dpkg")
-    with pytest.raises(KmodguardError):
-        apt.query(["two words"])
 
 
 def test_a_signature_the_kernel_rejects_says_what_to_do():

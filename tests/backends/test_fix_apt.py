@@ -117,3 +117,19 @@ def test_a_refused_signature_with_old_lists_kept_is_signature_refused(machine, a
     assert res.returncode == 1, res.stdout + res.stderr
     assert res.json["error"]["name"] == "SignatureRefused" and mine.uri in res.json["error"]["message"]
     assert aptroot.dpkg_status(root, EXTRA) == "unknown"
+
+
+# this machine's own apt, asked for real (no root of the harness)
+def test_apt_backend_asks_apt_for_real():
+    from kmodguard.backends.apt import AptBackend
+    from kmodguard.errors import KmodguardError
+
+    apt = AptBackend()
+    absent_name = "linux-modules-extra-6.1.0-999-kmg"
+    assert not apt.is_installed(absent_name)
+    [absent] = apt.query([absent_name])
+    assert not absent.available
+    with pytest.raises(KmodguardError):  # a bare name that names no kernel is no request kmodguard makes
+        apt.is_installed("dpkg")
+    with pytest.raises(KmodguardError):
+        apt.query(["two words"])

@@ -1,7 +1,7 @@
 """Debian's real kernel packages, chosen at run time from what the archive serves, cached between
 runs, and a Fedora-style split world built from them.
 
-Used by tests/test_realtree.py, tests/e2e and bench/run.py. Two layers:
+Used by tests/index/test_realtree.py, tests/e2e and bench/run.py. Two layers:
 
 * `ensure_tree()` gives the extracted package of the kernel `linux-image-amd64` depends on today
   (the "current" kernel); `ensure_kernels()` gives that one and the newest older ABI the archive
@@ -44,8 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data"
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).resolve().parents[1] / "data"
 SPLIT_TABLE = DATA / "fedora-split" / "split-debian-6.1.0-56-amd64.tsv"
 TABLE_KVER = "6.1.0-56-amd64"  # the build the split table was made from
 

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TABLE = REPO / "tools" / "packages"
 # what tools/setup runs besides the package manager; the stand-in PATH holds only these
 SHELL_TOOLS = ("sh", "awk", "id", "sed", "mkdir", "touch", "dirname", "env", "cat")

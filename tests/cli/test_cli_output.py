@@ -33,7 +33,7 @@ def test_every_stream_is_escaped_logging_included():
             "print('a\\x1b[31mb\\x9b1m\\x00\\udcff ok\\tend')\n"
             "logging.warning('\\x1b]0;title\\x07')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, err
     assert out == "a\\x1b[31mb\\x9b1m\\x00\\xff ok\tend\n"

@@ -27,16 +27,12 @@ import rpmbuild
 import synthetic
 from dnfimage import copy_image, dnf, history, image_env, installed, write_repo_config
 from journal import JOURNAL_CATCHER
+from records import pci
 from rpmbuild import KVER, LOGGED
 
 GPU, VIRTIO, EXTRA_XZ = synthetic.ALIAS["gpu"], synthetic.ALIAS["virtio"], synthetic.ALIAS["extra_xz"]
 REQ = f"kernel-modules-uname-r = {KVER}"
 REQ_EXTRA = f"kernel-modules-extra-uname-r = {KVER}"
-
-
-def pci(addr: str, modalias: str) -> str:
-    return (f"P: /devices/pci0000:00/{addr}\nE: SUBSYSTEM=pci\nE: MODALIAS={modalias}\nE: PCI_SLOT_NAME={addr}\n"
-            f"A: modalias={modalias}\nA: driver_override=(null)\n\n")
 
 
 DEVICES = (pci("0000:00:05.0", GPU) + pci("0000:00:06.0", GPU) + pci("0000:00:07.0", EXTRA_XZ)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from records import device, pci
 from synthetic import ALIAS, KVER
 
 PACKAGE_VERSION = "6.1.0-1.kmg"  # what the `indexed` fixture records
@@ -25,29 +26,6 @@ GPU = ALIAS["gpu"]  # missing: kmg_gpu in kernel-modules (if unbound and not ign
 
 
 # --- records ---------------------------------------------------------------------------------
-
-def pci(addr: str, modalias: str, *, driver: str | None = None, override: str | None = "(null)",
-        attrs: dict | None = None, links: dict | None = None) -> str:
-    """A PCI device record (under /devices/pci0000:00/), optionally bound to `driver`."""
-    lines = [f"P: /devices/pci0000:00/{addr}", "E: SUBSYSTEM=pci", f"E: PCI_SLOT_NAME={addr}"]
-    if driver:
-        lines.append(f"E: DRIVER={driver}")
-    lines += [f"E: MODALIAS={modalias}", f"A: modalias={modalias}"]
-    if override is not None:
-        lines.append(f"A: driver_override={override}")
-    lines += [f"A: {k}={v}" for k, v in (attrs or {}).items()]
-    if driver:
-        lines.append(f"L: driver=../../../bus/pci/drivers/{driver}")
-    lines += [f"L: {k}={v}" for k, v in (links or {}).items()]
-    return "\n".join(lines) + "\n\n"
-
-
-def device(path: str, subsystem: str, modalias: str, *, links: dict | None = None) -> str:
-    """A device record on any bus; `path` starts with /devices/."""
-    lines = [f"P: {path}", f"E: SUBSYSTEM={subsystem}", f"E: MODALIAS={modalias}", f"A: modalias={modalias}"]
-    lines += [f"L: {k}={v}" for k, v in (links or {}).items()]
-    return "\n".join(lines) + "\n\n"
-
 
 def syspath(addr: str) -> str:
     return f"{SYS}/devices/pci0000:00/{addr}"
@@ -392,7 +370,7 @@ def test_json_document_shape(indexed, world, tmp_path):
 
 
 def test_daemon_snapshot_is_attached_while_its_writer_lives(indexed, tmp_path):
-    # the real daemon writes it (tests/test_daemon.py); here a live process stands in for it
+    # the real daemon writes it (tests/daemon/test_daemon.py); here a live process stands in for it
     snapshot = {"pid": os.getpid(), "mode": "offer", "since": "2026-01-01T00:00:00Z",
                 "needs_driver": ["0000:00:05.0"], "last_fix": None, "extra": {"kept": True}}
     run = tmp_path / "run"

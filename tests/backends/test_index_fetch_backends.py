@@ -1,5 +1,5 @@
 """`kmodguard index fetch` with a package manager that cannot download without installing says
-so plainly, and which ones can (apt's real download: test_fix_apt.py; dnf's: test_lifecycle.py)."""
+so plainly, and which ones can (apt's real download: test_fix_apt.py; dnf's: test_index_fetch_dnf.py)."""
 
 from __future__ import annotations
 

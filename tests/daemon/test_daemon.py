@@ -451,7 +451,7 @@ def test_the_interface_served_is_the_one_documented(started, bus):
     daemon, client = started()
     reply = client.call("Introspect", interface="org.freedesktop.DBus.Introspectable")
     served = ET.fromstring(reply.body[0]).find("interface[@name='org.kmodguard.Daemon1']")
-    documented = ET.parse(Path(__file__).resolve().parent.parent / "units/org.kmodguard.Daemon1.xml").getroot() \
+    documented = ET.parse(Path(__file__).resolve().parents[2] / "units/org.kmodguard.Daemon1.xml").getroot() \
         .find("interface[@name='org.kmodguard.Daemon1']")
 
     def shape(iface):

@@ -1,6 +1,6 @@
 """kmodguard on Debian's real kernel tree, split the way Fedora splits it, against modprobe itself.
 
-The world (tests/realtree.py): kernel-modules-core installed and depmod'ed, kernel-modules and
+The world (tests/helpers/realtree.py): kernel-modules-core installed and depmod'ed, kernel-modules and
 kernel-modules-extra indexed with `kmodguard index build --from-dir`. Every alias pattern of the
 core and kernel-modules modules becomes one concrete modalias; a seeded sample of them goes
 through ONE `kmodguard explain --json -`, and each answer is compared with

@@ -20,7 +20,7 @@ import yaml
 from kmodguard import config
 from kmodguard.errors import InvalidInput
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = REPO / "docs" / "cloud-init"
 EXAMPLES = sorted(p.name for p in EXAMPLES_DIR.glob("*.yaml"))
 # what each documented example must make kmodguard do

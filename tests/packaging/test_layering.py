@@ -2,7 +2,7 @@
 backends, then the engine, and the fronts (CLI, daemon, dnf plugin) on top, which only parse,
 authorize, relay and print. An import against these rules fails here, naming the file.
 
-    .venv/bin/python -m pytest -q tests/test_layering.py
+    .venv/bin/python -m pytest -q tests/packaging/test_layering.py
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "kmodguard"
+PACKAGE = Path(__file__).resolve().parents[2] / "kmodguard"
 FRONTS = {"cli", "daemon", "integrations"}
 # part -> the parts of kmodguard it must never import
 FORBIDDEN = {
@@ -68,3 +68,20 @@ def test_the_rules_see_real_imports():
     """The scan itself: it finds the engine's imports of the backends and of the binding."""
     found = imports(PACKAGE / "engine" / "remediate.py")
     assert "kmodguard.backends" in found and "kmodguard.kmod" in found
+
+
+def test_only_kmodguard_dbus_imports_the_library():
+    pkg = PACKAGE
+    offenders = []
+    for path in pkg.rglob("*.py"):
+        if path == pkg / "dbus.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            if any(n.split(".")[0] in ("dbus_next", "dbus_fast", "dbus") for n in names):
+                offenders.append(str(path))
+    assert offenders == []

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import synthetic
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 from kmodguard import initramfs
 from kmodguard.initramfs import InitramfsDecision
 from kmodguard.errors import InvalidInput
