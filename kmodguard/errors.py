@@ -43,6 +43,17 @@ class KmodguardError(Exception):
         return {"error": doc}
 
 
+def error_names() -> frozenset[str]:
+    """Every error's name: the JSON error's "name" and, on D-Bus, org.kmodguard.Error.<name>. Read
+    from the classes when asked, so that a subclass defined elsewhere counts too."""
+    found, todo = set(), [KmodguardError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls.name)
+        todo.extend(cls.__subclasses__())
+    return frozenset(found)
+
+
 class InvalidInput(KmodguardError):
     """Input from a user or a caller is not acceptable (a malformed modalias, a bad option)."""
 

@@ -16,7 +16,7 @@ import json
 import logging
 
 from .. import dbus as D
-from ..errors import InvalidInput, KmodguardError, NotAuthorized
+from ..errors import InvalidInput, KmodguardError, NotAuthorized, error_names
 from .service import Daemon, Held, Publisher
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class DaemonInterface(D.ServiceInterface):
         record = await self.daemon.fix(ids, who, overrides)
         error = record.get("error")
         if error:  # the fix ran and ended in an error: its own name (PackageUnavailable, Busy, ...)
-            name = error.get("name") if error.get("name") in ERROR_NAMES else "Failed"
+            name = error.get("name") if error.get("name") in error_names() else "Failed"
             text = error.get("message", "") + (f"\n{error['hint']}" if error.get("hint") else "")
             raise D.DBusError(ERROR_PREFIX + name, _bounded_message(text))
         return [int(record.get("exit_code") or 0), _reply(record.get("report") or {})]
@@ -247,9 +247,6 @@ class DaemonInterface(D.ServiceInterface):
     @D.dbus_property(access=D.PropertyAccess.READ)
     def LastResult(self) -> 's':
         return json.dumps(self.daemon.last_fix) if self.daemon.last_fix else ""
-
-
-ERROR_NAMES = frozenset({"NotAuthorized", "PackageUnavailable", "Busy", "InvalidInput", "SignatureRefused", "Failed"})
 
 
 class BusPublisher(Publisher):

@@ -76,6 +76,13 @@ def test_error_names_and_their_exit_codes():
     assert doc == code
 
 
+def test_the_interface_documents_every_error_name():
+    """The checked-in interface's Errors paragraph names every error a D-Bus caller may get."""
+    every_error_class()  # each module imported: its error classes exist
+    comment = (REPO / "units" / "org.kmodguard.Daemon1.xml").read_text().split("Errors:", 1)[1].split("never a traceback")[0]
+    assert set(re.findall(r"\.([A-Z][A-Za-z]+)\b", comment)) - {"Error"} == errors.error_names()
+
+
 def test_message_ids():
     assert {names(r[0])[0]: names(r[1])[0] for r in rows("Journal MESSAGE_IDs")} == journal.MESSAGE_IDS
 
