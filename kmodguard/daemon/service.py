@@ -508,11 +508,7 @@ class Daemon:
             await self._wait_for_fix_lock()
         finally:
             self.fix_running = False
-        record = state.last_fix(self.paths.state_dir)
-        if record is None or record.get("id") != rid:
-            record = fixing.fix_record(request, request["devices"], exit_code=code or 1, error={
-                "name": "Failed", "message": f"the fix ({self.runner.name}) ended with status {code} without a "
-                                             "report; see the journal"})
+        record = fixing.outcome(self.paths.state_dir, request, code, self.runner.name)
         self._finished(record)
         return record
 

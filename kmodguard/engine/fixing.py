@@ -127,6 +127,17 @@ def leftover(state_dir: Path, report: Callable[[dict], None]) -> dict | None:
         return state.pending_request(state_dir)
 
 
+def outcome(state_dir: Path, request: dict, exit_status: int | None, runner: str) -> dict:
+    """A daemon's request after its runner ended: the fix's own record (STATE_DIR/last-fix.json), or,
+    when the fix left none (killed, or it failed before recording), a failure naming the runner."""
+    record = state.last_fix(state_dir)
+    if record is not None and record.get("id") == request["id"]:
+        return record
+    return fix_record(request, request["devices"], exit_code=exit_status or 1, error={
+        "name": "Failed", "message": f"the fix ({runner}) ended with status {exit_status} without a report; "
+                                     "see the journal"})
+
+
 def apply_mode(engine, plan, need, progress: Progress, daemon_fix: Callable | None) -> dict:
     """What the policy's mode says to do about the devices that need a driver now (`need`: the
     (device, verdict) pairs), as the daemon does: offer writes their journal entries (MESSAGE_ID
