@@ -53,6 +53,17 @@ def run(args: list[str], timeout: float, name: str | None = None, *, env_extra: 
     with merge_stderr). Raises KmodguardError when the command cannot be started and
     CommandTimedOut (after stopping it) at the deadline.
     """
+    return start(args, timeout, name, env_extra=env_extra, cwd=cwd, merge_stderr=merge_stderr, pass_fds=pass_fds,
+                 text=text, timeout_hint=timeout_hint, keep_lines=keep_lines).result()
+
+
+def start(args: list[str], timeout: float, name: str | None = None, *, env_extra: dict | None = None, cwd=None,
+          merge_stderr: bool = False, pass_fds: tuple[int, ...] = (), text: bool = True,
+          timeout_hint: str | None = None, keep_lines: tuple[bytes, ...] = ()) -> "Started":
+    """Start args, as run() would, and return at once: the command works beside the caller (depmod
+    beside the module reads, systemd-detect-virt beside a cold start) until Started.result(). Its
+    deadline counts from now. Output is read only in result(): a command that writes more than a
+    pipe holds waits until then."""
     name = name or os.path.basename(args[0])
     _log().debug("running %s", args)
     try:
@@ -61,20 +72,37 @@ def run(args: list[str], timeout: float, name: str | None = None, *, env_extra: 
                                 env=c_locale(env_extra), cwd=cwd, start_new_session=True, pass_fds=pass_fds)
     except OSError as exc:
         raise KmodguardError(f"cannot run {name}: {exc.strerror or exc}") from None
-    try:
-        out, err, timed_out = _collect(proc, time.monotonic() + timeout, keep_lines)
-    except BaseException:
-        _stop(proc, 0)
-        raise
-    finally:
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe:
-                pipe.close()
-    if timed_out:
-        _log().info("%s output before it was stopped:\n%s", name, (out + err).decode(errors="replace"))
-        raise CommandTimedOut(f"{name} did not finish within {timeout:g} s and was stopped", hint=timeout_hint)
-    decode = (lambda b: b.decode(errors="replace")) if text else (lambda b: b)
-    return subprocess.CompletedProcess(args, proc.returncode, decode(out), None if merge_stderr else decode(err))
+    return Started(proc, name, time.monotonic() + timeout, timeout, text=text, merge_stderr=merge_stderr,
+                   timeout_hint=timeout_hint, keep_lines=keep_lines)
+
+
+class Started:
+    """A command start() started: result() waits for it (at most until its deadline)."""
+
+    def __init__(self, proc: subprocess.Popen, name: str, deadline: float, timeout: float, *, text: bool,
+                 merge_stderr: bool, timeout_hint: str | None, keep_lines: tuple[bytes, ...]):
+        self._proc, self.name, self._deadline, self._timeout = proc, name, deadline, timeout
+        self._text, self._merge, self._hint, self._keep = text, merge_stderr, timeout_hint, keep_lines
+
+    def result(self) -> subprocess.CompletedProcess:
+        """The CompletedProcess, as run() returns it; CommandTimedOut (the group stopped) at the deadline."""
+        proc = self._proc
+        try:
+            out, err, timed_out = _collect(proc, self._deadline, self._keep)
+        except BaseException:
+            _stop(proc, 0)
+            raise
+        finally:
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe:
+                    pipe.close()
+        if timed_out:
+            _log().info("%s output before it was stopped:\n%s", self.name, (out + err).decode(errors="replace"))
+            raise CommandTimedOut(f"{self.name} did not finish within {self._timeout:g} s and was stopped",
+                                  hint=self._hint)
+        decode = (lambda b: b.decode(errors="replace")) if self._text else (lambda b: b)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, decode(out),
+                                           None if self._merge else decode(err))
 
 
 def _collect(proc: subprocess.Popen, deadline: float, keep_lines: tuple[bytes, ...] = ()) -> tuple[bytes, bytes, bool]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
+from .. import process
+from ..errors import KmodguardError
 from ..paths import Paths
 
 
@@ -53,24 +54,22 @@ def _container(env):
     if forced:
         return lambda: None if forced == "none" else forced
     tool = shutil.which("systemd-detect-virt")
-    if tool:
+    if not tool:
+        return _container_markers
+    try:
+        started = process.start([tool, "--container"], timeout=5)
+    except KmodguardError:
+        return _container_markers
+
+    def answer():
         try:
-            proc = subprocess.Popen([tool, "--container"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        except OSError:
-            return _container_markers
+            res = started.result()
+        except KmodguardError:  # stopped at the deadline
+            return _container_markers()
+        name = res.stdout.strip()
+        return None if res.returncode != 0 or name in ("", "none") else name
 
-        def answer():
-            try:
-                out, _ = proc.communicate(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                return _container_markers()
-            name = out.strip()
-            return None if proc.returncode != 0 or name in ("", "none") else name
-
-        return answer
-    return _container_markers
+    return answer
 
 
 def _container_markers() -> str | None:

@@ -1,4 +1,4 @@
-"""kmodguard.process.run: the one runner of external commands (deadlines that hold)."""
+"""kmodguard.process.run and start: the one runner of external commands (deadlines that hold)."""
 
 import os
 import signal
@@ -82,3 +82,23 @@ def test_keep_lines_keeps_the_wanted_lines_of_output_far_over_the_cap(monkeypatc
     assert res.returncode == 0
     assert res.stdout.splitlines() == ["lib/firmware/a.bin non-free-firmware/firmware-a",
                                        "lib/firmware/b.bin non-free-firmware/firmware-b"]
+
+
+def test_a_started_command_works_beside_the_caller_and_its_deadline_counts_from_the_start(tmp_path):
+    """process.start: depmod beside the module reads, systemd-detect-virt beside a cold start."""
+    mark = tmp_path / "ran"
+    started = process.start(["sh", "-c", f"echo out; : > '{mark}'"], 30)
+    waited = time.monotonic() + 30
+    while not mark.exists() and time.monotonic() < waited:
+        time.sleep(0.01)
+    assert mark.exists()  # it ran before anyone asked for its result
+    res = started.result()
+    assert (res.returncode, res.stdout, res.stderr) == (0, "out\n", "")
+    late = process.start(["sleep", "60"], 0.5, "late")
+    time.sleep(1.0)  # the caller's own work outlasts the command's deadline
+    asked = time.monotonic()
+    with pytest.raises(process.CommandTimedOut, match="late did not finish within 0.5 s"):
+        late.result()
+    assert time.monotonic() - asked < process.TERM_GRACE, "stopped at once: its deadline had passed"
+    with pytest.raises(KmodguardError, match="cannot run"):
+        process.start([str(tmp_path / "absent")], 5)
