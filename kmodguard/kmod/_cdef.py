@@ -8,19 +8,7 @@ struct kmod_ctx;
 struct kmod_module;
 struct kmod_list;
 
-enum kmod_filter {
-    KMOD_FILTER_BLACKLIST = 0x00001,
-    KMOD_FILTER_BUILTIN = 0x00002,
-};
-
-enum kmod_module_initstate {
-    KMOD_MODULE_BUILTIN = 0,
-    KMOD_MODULE_LIVE,
-    KMOD_MODULE_COMING,
-    KMOD_MODULE_GOING,
-};
-
-enum kmod_resources {
+enum kmod_resources {  /* what kmod_validate_resources returns: anything but OK means reload */
     KMOD_RESOURCES_OK = 0,
     KMOD_RESOURCES_MUST_RELOAD = 1,
     KMOD_RESOURCES_MUST_RECREATE = 2,
@@ -46,9 +34,6 @@ struct kmod_module *kmod_module_unref(struct kmod_module *mod);
 int kmod_module_unref_list(struct kmod_list *list);
 const char *kmod_module_get_name(const struct kmod_module *mod);
 const char *kmod_module_get_path(const struct kmod_module *mod);
-int kmod_module_get_initstate(const struct kmod_module *mod);
-int kmod_module_apply_filter(const struct kmod_ctx *ctx, enum kmod_filter filter_type,
-                             const struct kmod_list *input, struct kmod_list **output);
 
 int kmod_module_get_info(const struct kmod_module *mod, struct kmod_list **list);
 const char *kmod_module_info_get_key(const struct kmod_list *entry);
