@@ -7,6 +7,8 @@ modinfo through libkmod for the metadata. Both run at once, on two cores.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import lzma
 import os
@@ -219,9 +221,10 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
         except BaseException:
             depmod.kill()  # a refused payload: depmod's work is of no use
             raise
-        records = _read_modinfo(stage_mdir, modules, mdir, progress, source)
-        # compressed and written while depmod may still run: off the critical path
-        packed = lzma.compress(json.dumps(records, separators=(",", ":"), sort_keys=True).encode(), preset=1)
+        with _no_cyclic_gc():
+            records = _read_modinfo(stage_mdir, modules, mdir, progress, source)
+            # compressed and written while depmod may still run: off the critical path
+            packed = lzma.compress(json.dumps(records, separators=(",", ":"), sort_keys=True).encode(), preset=1)
         try:
             conf_files, blacklist = _own_files(out, packed, source, stage_mdir)
         except Exception as exc:
@@ -256,6 +259,20 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
         "source": source.origin,
     }
     store.write_meta(out, meta)  # last: its "files" and its own digest cover everything above
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """The cycle collector off while the module table is built: its records hold no cycles, and
+    its passes over them (a dozen for 2,000 modules) cost about a tenth of the reading's CPU
+    time, which on a busy machine is taken from depmod."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _own_files(out: Path, packed: bytes, source: PackageSource, stage_mdir: Path) -> tuple[list[Path], list[str]]:
