@@ -114,7 +114,8 @@ def run(runs: int = 3) -> dict:
                    "KMODGUARD_MODPROBE_DIRS": str(root / "etc/modprobe.d"), "KMODGUARD_CONFIG_DIR": str(tmp / "etc"),
                    "KMODGUARD_INDEX_DIR": str(tmp / "index"), "KMODGUARD_STATE_DIR": str(tmp / f"state{i}"),
                    "KMODGUARD_BOOT_DIR": str(root / "boot"), "KMODGUARD_KMSG": "/nonexistent",
-                   "KMODGUARD_CONTAINER": "none", "PYTHONDONTWRITEBYTECODE": ""}
+                   "KMODGUARD_CONTAINER": "none", "PYTHONDONTWRITEBYTECODE": "",
+                   "PYTHONPATH": str(_common.REPO)}  # this checkout's kmodguard, not the one the venv installed
             if i == 0:
                 subprocess.run(_common.kmodguard_command() + ["index", "build", "--from-rpm",
                                                               str(rpms[KVER]["kernel-modules"])],

@@ -11,6 +11,7 @@ instead of waiting for that child.
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -147,12 +148,30 @@ def _collect(proc: subprocess.Popen, deadline: float, keep_lines: tuple[bytes, .
                 add(key.fileobj, chunk)
     if proc.poll() is None:  # the pipes closed early and the command still runs: give it the rest of its time
         try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0))
+            _wait(proc, max(deadline - time.monotonic(), 0))
         except subprocess.TimeoutExpired:
             timed_out = True
             _stop(proc, TERM_GRACE)
     values = list(buffers.values())
     return bytes(values[0]), bytes(values[1]) if len(values) > 1 else b"", timed_out
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> None:
+    """proc.wait(timeout), woken by the exit itself (a pidfd) rather than by Popen.wait's polling
+    sleeps: the pipes usually close a moment before the command is reaped, and each poll that
+    finds it still running sleeps 0.5 ms or more."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux, or before 5.3
+        proc.wait(timeout=timeout)
+        return
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    if not ready:
+        raise subprocess.TimeoutExpired(proc.args, timeout)
+    proc.wait()
 
 
 def _stop(proc: subprocess.Popen, grace: float) -> None:

@@ -137,6 +137,14 @@ class Engine:
         backoff = Backoff(self.paths.state_dir)
         return [d for d in devices if not backoff.waiting(d.id)]
 
+    def without_backing_off(self, judged: Judged) -> Judged:
+        """judged without the devices that wait out a back-off: what select leaves out unless told
+        otherwise, for a caller that judged every device once (the plan and the back-off lines)."""
+        from .state import Backoff
+
+        backoff = Backoff(self.paths.state_dir)
+        return [(d, v) for d, v in judged if not backoff.waiting(d.id)]
+
     def plan(self, judged: Judged, *, boot_critical: bool = True) -> Plan:
         """One plan for these devices. boot_critical=False skips the (sysfs-walking) question of
         which devices are needed before the real root is mounted: the daemon's triage uses it."""

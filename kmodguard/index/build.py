@@ -7,6 +7,8 @@ modinfo through libkmod for the metadata. Both run at once, on two cores.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import lzma
 import os
@@ -22,7 +24,6 @@ from pathlib import Path
 from ..errors import InvalidInput, KmodguardError
 from ..process import c_locale
 from ..fsutil import MiB, make_dir, read_capped, regular_file
-from ..kmod import Context
 from . import store
 
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
@@ -72,22 +73,51 @@ def _where(source: PackageSource | None, path: str | os.PathLike) -> str:
     return f"{rpm} (its file /{rel})"
 
 
-def _find_modules(mdir: Path, source: PackageSource | None = None) -> list[str]:
-    """The module files under mdir. Each must be (or link to: the user chose this tree, and a tree
-    of links such as `cp -rs` makes is a fair payload) a regular file, not a FIFO or device (depmod
-    and libkmod open it and would block or read without end), of at most MODULE_CAP bytes. os.walk
-    does not descend into linked directories; neither does the staging tree (_stage)."""
+def _find_modules(mdir: Path, source: PackageSource | None = None) -> tuple[list[str], list[str]]:
+    """The module files under mdir, and those of them still to check (check_modules). Each must be
+    (or link to: the user chose this tree, and a tree of links such as `cp -rs` makes is a fair
+    payload) a regular file, not a FIFO or device (depmod and libkmod open it and would block or
+    read without end), of at most MODULE_CAP bytes. os.walk does not descend into linked
+    directories; neither does the staging tree (_stage).
+
+    Whatever depmod could block on, or be led elsewhere by (a link, a FIFO, a device), is checked
+    here, before depmod starts. A plain regular file (the directory entry says so, no stat needed)
+    cannot block it: its size and readability are checked by check_modules while depmod runs,
+    and the first refusal in walk order is still the one reported."""
     found: list[str] = []
-    _walk_modules(os.fspath(mdir), found, source)
-    return found
+    plain: list[str] = []
+    try:
+        _walk_modules(os.fspath(mdir), found, plain, source)
+    except InvalidInput:
+        check_modules(plain, source)  # a plain file before the refused one is refused first
+        raise
+    return found, plain
 
 
-def _walk_modules(directory: str, found: list[str], source: PackageSource | None) -> None:
+def check_modules(paths: list[str], source: PackageSource | None = None) -> None:
+    """Refuse the first of paths that is not a readable regular file within MODULE_CAP (as the walk does)."""
+    for path in paths:
+        _check_module(path, os.stat, source)
+
+
+def _check_module(path: str, stat_of, source: PackageSource | None) -> None:
+    """A module that stat shows to be a readable regular file within the cap is taken as is
+    (open_regular's open, fstat and close, 2,000 times, were 14 ms); anything else goes to
+    regular_file, which refuses it."""
+    try:
+        st = stat_of(path)
+        ok = stat.S_ISREG(st.st_mode) and st.st_size <= MODULE_CAP and os.access(path, os.R_OK)
+    except OSError:
+        ok = False
+    if not ok:
+        regular_file(path, follow=True, cap=MODULE_CAP, error_class=InvalidInput,
+                     hint=f"a module must be a regular file: {_where(source, path)} is refused")
+
+
+def _walk_modules(directory: str, found: list[str], plain: list[str], source: PackageSource | None) -> None:
     """os.walk's order and choices (sorted names, a directory's files before its subdirectories,
     linked directories listed but not entered, unreadable directories skipped), in one scandir a
-    directory: this runs before depmod can start. A module that stat shows to be a readable
-    regular file within the cap is taken as is (open_regular's open, fstat and close, 2,000
-    times, were 14 ms); anything else goes to regular_file, which refuses it as before."""
+    directory: this runs before depmod can start."""
     try:
         with os.scandir(directory) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -108,18 +138,17 @@ def _walk_modules(directory: str, found: list[str], source: PackageSource | None
             continue
         if not entry.name.endswith(MODULE_SUFFIXES):
             continue
-        path = entry.path
         try:
-            st = os.stat(path)
-            ok = stat.S_ISREG(st.st_mode) and st.st_size <= MODULE_CAP and os.access(path, os.R_OK)
+            is_plain = entry.is_file(follow_symlinks=False)  # from the directory entry's type
         except OSError:
-            ok = False
-        if not ok:
-            regular_file(path, follow=True, cap=MODULE_CAP, error_class=InvalidInput,
-                         hint=f"a module must be a regular file: {_where(source, path)} is refused")
-        found.append(path)
+            is_plain = False
+        if is_plain:
+            plain.append(entry.path)
+        else:
+            _check_module(entry.path, lambda _: entry.stat(), source)
+        found.append(entry.path)
     for sub in subdirs:
-        _walk_modules(sub, found, source)
+        _walk_modules(sub, found, plain, source)
 
 
 def _stage(mdir: Path, kver: str, work: Path) -> Path:
@@ -175,7 +204,7 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
     """Build one package's index directory in work/index (not yet published; names checked by
     build_packages)."""
     mdir = modules_dir_of(source.root, kver)
-    modules = _find_modules(mdir, source)
+    modules, unchecked = _find_modules(mdir, source)
     if not modules:
         raise InvalidInput(f"{_where(source, mdir)} holds no kernel modules (.ko, .ko.xz, .ko.zst)")
     stage_mdir = _stage(mdir, kver, work)
@@ -184,10 +213,22 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
     depmod = subprocess.Popen(
         [_tool("depmod"), "-C", str(emptyconf), "-b", str(work / "stage"), kver],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=c_locale())  # runs beside _read_modinfo
+    out = work / "index"
+    deferred = None
     try:
-        records = _read_modinfo(stage_mdir, modules, mdir, progress, source)
-        # compressed while depmod may still run: off the critical path
-        packed = lzma.compress(json.dumps(records, separators=(",", ":"), sort_keys=True).encode(), preset=1)
+        try:
+            check_modules(unchecked, source)
+        except BaseException:
+            depmod.kill()  # a refused payload: depmod's work is of no use
+            raise
+        with _no_cyclic_gc():
+            records = _read_modinfo(stage_mdir, modules, mdir, progress, source)
+            # compressed and written while depmod may still run: off the critical path
+            packed = lzma.compress(json.dumps(records, separators=(",", ":"), sort_keys=True).encode(), preset=1)
+        try:
+            conf_files, blacklist = _own_files(out, packed, source, stage_mdir)
+        except Exception as exc:
+            deferred = exc  # reported after depmod's own failure, as when this ran after depmod
     finally:
         try:
             _, err = depmod.communicate(timeout=600)
@@ -198,24 +239,14 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
     if depmod.returncode != 0:
         said = err.decode(errors='replace').strip().replace(str(work / "stage"), "")[:2000]
         raise KmodguardError(f"depmod failed on {source.name} ({_where(source, source.root)}): {said}")
+    if deferred is not None:
+        raise deferred
 
-    out = work / "index"
-    out.mkdir()
     shutil.copyfile(stage_mdir / "modules.alias.bin", out / "modules.alias.bin")
     # A package index answers aliases only: an empty index (depmod's own, for the empty
     # modules.builtin) stands in for the dependency and built-in tables.
     for name in store.KMOD_FILES[1:]:
         shutil.copyfile(stage_mdir / "modules.builtin.bin", out / name)
-    conf_files = _modprobe_files(source.root)
-    blacklist: list[str] = []
-    if conf_files:
-        (out / store.MODPROBE_DIR).mkdir()
-        for f in conf_files:
-            data = read_capped(f, CONF_CAP, follow=False, error_class=InvalidInput,
-                               hint=f"{_where(source, f)} is refused")
-            (out / store.MODPROBE_DIR / f.name).write_bytes(data)
-        blacklist = sorted(Context(stage_mdir, [str(out / store.MODPROBE_DIR)]).blacklist())
-    (out / store.MODULES_FILE).write_bytes(packed)
     meta = {
         "format": store.FORMAT,
         "version": store.VERSION,
@@ -230,18 +261,69 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
     store.write_meta(out, meta)  # last: its "files" and its own digest cover everything above
 
 
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """The cycle collector off while the module table is built: its records hold no cycles, and
+    its passes over them (a dozen for 2,000 modules) cost about a tenth of the reading's CPU
+    time, which on a busy machine is taken from depmod."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _own_files(out: Path, packed: bytes, source: PackageSource, stage_mdir: Path) -> tuple[list[Path], list[str]]:
+    """The index's files that do not come from depmod (the module table, the package's modprobe.d),
+    written and fsynced while depmod runs, so that publish's fsync of them finds nothing to do.
+    Returns the modprobe.d files and the modules they blacklist."""
+    out.mkdir()
+    _write_synced(out / store.MODULES_FILE, packed)
+    conf_files = _modprobe_files(source.root)
+    blacklist: list[str] = []
+    if conf_files:
+        (out / store.MODPROBE_DIR).mkdir()
+        for f in conf_files:
+            data = read_capped(f, CONF_CAP, follow=False, error_class=InvalidInput,
+                               hint=f"{_where(source, f)} is refused")
+            _write_synced(out / store.MODPROBE_DIR / f.name, data)
+        from ..kmod import Context
+
+        blacklist = sorted(Context(stage_mdir, [str(out / store.MODPROBE_DIR)]).blacklist())
+    # loaded now rather than after depmod (OpenSSL's libcrypto is a few ms): write_meta's
+    # checksums and publish's generation names need them
+    import hashlib  # noqa: F401
+    import secrets  # noqa: F401
+
+    return conf_files, blacklist
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _read_modinfo(stage_mdir: Path, modules: list[str], mdir: Path, progress, source=None) -> dict:
     """Every module's modinfo while depmod runs on the other core: from the ELF section directly
     (modinfo.py), else (compressed, unusual) by libkmod. (Two reader threads with a libkmod
     context each were measured too: no faster, the loop holds the GIL.)"""
     from . import modinfo
 
-    ctx = Context(stage_mdir, [])
+    ctx = None  # libkmod, for the modules modinfo.read leaves to it (compressed ones): made when needed
     records = {}
     prefix = len(str(mdir).rstrip("/")) + 1  # plain string slicing: pathlib's relative_to is slow here
     for i, path in enumerate(modules, 1):
+        info = modinfo.read(path)
+        if info is None and ctx is None:
+            from ..kmod import Context
+
+            ctx = Context(stage_mdir, [])
         try:
-            info = modinfo.read(path) or ctx.module_info(path)
+            info = info or ctx.module_info(path)
         except KmodguardError as exc:
             raise InvalidInput(f"{_where(source, path)} is not a readable kernel module: "
                                f"{str(exc).replace(path, 'it')}") from None

@@ -14,11 +14,15 @@ without '=' has the value ""), and the name is libkmod's, from the path.
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 from ..kmod import ModuleInfo
 
 _KEYS = (b"alias", b"firmware", b"depends")
+# One NUL-separated entry whose key is one of _KEYS: "key=value", or "key" alone (value ""). In C
+# (re), not a partition() of each of the section's ~20 entries a module in Python.
+_ENTRY = re.compile(rb"(?<![^\0])(alias|firmware|depends)(?:=([^\0]*))?(?![^\0])")
 # ELF class -> (offset of e_shoff, its format, offset of e_shentsize/e_shnum/e_shstrndx,
 #               section header size, section header format: name, type, flags, addr, offset, size)
 _LAYOUT = {1: (0x20, "I", 0x2E, 40, "IIIIII"), 2: (0x28, "Q", 0x3A, 64, "IIQQQQ")}
@@ -46,10 +50,8 @@ def read(path: str) -> ModuleInfo | None:
     if raw is None:
         return None
     values: dict[bytes, list[str]] = {k: [] for k in _KEYS}
-    for entry in raw.split(b"\0"):
-        key, _, value = entry.partition(b"=")
-        if key in values:
-            values[key].append(value.decode("utf-8", "surrogateescape"))
+    for key, value in _ENTRY.findall(raw):
+        values[key].append(value.decode("utf-8", "surrogateescape"))
     depends = tuple(d.replace("-", "_") for v in values[b"depends"] for d in v.split(",") if d)
     return ModuleInfo(name=modname(path), path=path, size=size, aliases=tuple(values[b"alias"]),
                       firmware=tuple(values[b"firmware"]), depends=depends)
@@ -67,12 +69,21 @@ def _modinfo_section(fd: int) -> tuple[bytes | None, int]:
     if shentsize != entsize or not 0 < shnum or not shstrndx < shnum or shoff + shnum * entsize > size:
         return None, size
     table = os.pread(fd, shnum * entsize, shoff)
-    sections = [struct.unpack_from(order + sh_fmt, table, i * entsize) for i in range(shnum)]
-    if any(s[1] != 8 and s[4] + s[5] > size for s in sections):  # SHT_NOBITS (8) has no bytes in the file
+    if len(table) != shnum * entsize:
+        return None, size
+    # the whole table in one C loop (iter_unpack), each header padded to its full size
+    pad = entsize - struct.calcsize(order + sh_fmt)
+    sections = list(struct.iter_unpack(f"{order}{sh_fmt}{pad}x", table))
+    ends = [s[4] + s[5] for s in sections if s[1] != 8]  # SHT_NOBITS (8) has no bytes in the file
+    if ends and max(ends) > size:
         return None, size
     _, _, _, _, names_off, names_size = sections[shstrndx]
     names = os.pread(fd, names_size, names_off)
-    found = [s for s in sections if names[s[0]:s[0] + 9] == b".modinfo\0"]
+    at, starts = names.find(b".modinfo\0"), set()
+    while at >= 0:  # every place the name starts (a string table may share tails)
+        starts.add(at)
+        at = names.find(b".modinfo\0", at + 1)
+    found = [s for s in sections if s[0] in starts]
     if len(found) != 1 or found[0][1] == 8:
         return None, size  # none, or several: libkmod decides
     _, _, _, _, offset, length = found[0]

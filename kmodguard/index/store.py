@@ -26,7 +26,6 @@ from typing import NamedTuple
 from .. import requests
 from ..errors import IndexCorrupt, InvalidInput, KmodguardError
 from ..fsutil import MiB, fsync_dir, make_dir, read_capped, sha256_capped
-from ..kmod import Context
 
 FORMAT = "kmodguard-index"
 VERSION = 2  # 2: index.json carries its own digest, and "files" covers modprobe.d/*
@@ -252,8 +251,10 @@ class PackageIndex:
         self.meta = meta
 
     @cached_property
-    def context(self) -> Context:
+    def context(self):
         """libkmod on this package's alias index, reading only the package's own modprobe.d."""
+        from ..kmod import Context  # not at import: `index build` starts depmod before it needs libkmod
+
         # the checksummed files one by one, not the directory: a file added since is never read
         ctx = Context(self.path, [str(self.path / f) for f in self.conf_files])
         ctx.load_resources()

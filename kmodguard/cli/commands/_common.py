@@ -26,6 +26,15 @@ def _print_backing_off(backing: list[dict]) -> None:
               f" ('kmodguard fix {safe(b['id'], 60)}' tries now): {safe(b.get('reason'), 200)}")
 
 
+def _judged_and_backing_off(engine, refs: list[str]) -> tuple[list, list[dict]]:
+    """The devices to plan for, judged (the named ones, else every device not backing off), and
+    the back-off lines (see _backing_off): every device is enumerated and judged once for both."""
+    if refs:
+        return engine.judge(engine.select(refs)), []
+    every = engine.judge(engine.select([], honour_backoff=False))
+    return engine.without_backing_off(every), engine.backing_off(every)
+
+
 def _backing_off(engine, refs: list[str]) -> list[dict]:
     """Devices left out (no device named) because they back off after a failed fix."""
     if refs:

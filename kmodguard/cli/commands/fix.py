@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...errors import ExitCode, InvalidInput
 from ..output import emit_json, progress, safe
-from ._common import _backing_off, _print_backing_off, _size, make_paths
+from ._common import _backing_off, _judged_and_backing_off, _print_backing_off, _size, make_paths
 
 
 def _print_plan(plan, env, backing: list[dict] = ()) -> None:
@@ -56,8 +56,8 @@ def fix(args) -> int:
         raise NotAuthorized("fixing devices installs packages and loads modules: run it as root",
                             hint="'kmodguard fix --dry-run' shows the plan without root")
     engine = Engine(paths, online=True)
-    plan = engine.plan(engine.judge(engine.select(args.devices)))
-    backing = _backing_off(engine, args.devices)
+    judged, backing = _judged_and_backing_off(engine, args.devices)
+    plan = engine.plan(judged)
     backend = None
     asks = not args.yes and not args.json
     if plan.install and (args.dry_run or asks or plan.blocked):  # sizes for a person to decide on
