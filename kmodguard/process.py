@@ -85,6 +85,10 @@ class Started:
         self._proc, self.name, self._deadline, self._timeout = proc, name, deadline, timeout
         self._text, self._merge, self._hint, self._keep = text, merge_stderr, timeout_hint, keep_lines
 
+    def stop(self) -> None:
+        """Kill the command's group now (its work is of no use); result() then returns at once."""
+        _signal_group(self._proc, signal.SIGKILL)
+
     def result(self) -> subprocess.CompletedProcess:
         """The CompletedProcess, as run() returns it; CommandTimedOut (the group stopped) at the deadline."""
         proc = self._proc

@@ -15,14 +15,13 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 import time
 from typing import NamedTuple
 from pathlib import Path
 
 from ..errors import InvalidInput, KmodguardError
-from ..process import c_locale
+from .. import process
 from ..fsutil import MiB, make_dir, read_capped, regular_file
 from . import store
 
@@ -58,6 +57,7 @@ def modules_dir_of(root: Path, kver: str) -> Path:
 
 MODULE_CAP = 512 * MiB  # one module file (amdgpu.ko is about 20 MiB, uncompressed with debug info 300)
 CONF_CAP = MiB  # one modprobe.d file
+DEPMOD_TIMEOUT = 600  # seconds for depmod on one package (2,000 modules take under a second)
 
 
 def _where(source: PackageSource | None, path: str | os.PathLike) -> str:
@@ -210,16 +210,15 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
     stage_mdir = _stage(mdir, kver, work)
     emptyconf = work / "depmod.d"
     emptyconf.mkdir()
-    depmod = subprocess.Popen(
-        [_tool("depmod"), "-C", str(emptyconf), "-b", str(work / "stage"), kver],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=c_locale())  # runs beside _read_modinfo
+    depmod = process.start([_tool("depmod"), "-C", str(emptyconf), "-b", str(work / "stage"), kver],
+                           DEPMOD_TIMEOUT, text=False)  # runs beside _read_modinfo
     out = work / "index"
     deferred = None
     try:
         try:
             check_modules(unchecked, source)
         except BaseException:
-            depmod.kill()  # a refused payload: depmod's work is of no use
+            depmod.stop()  # a refused payload: depmod's work is of no use
             raise
         with _no_cyclic_gc():
             records = _read_modinfo(stage_mdir, modules, mdir, progress, source)
@@ -231,13 +230,11 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
             deferred = exc  # reported after depmod's own failure, as when this ran after depmod
     finally:
         try:
-            _, err = depmod.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            depmod.kill()
-            _, err = depmod.communicate()
-            raise KmodguardError(f"depmod did not finish within 600 s on {source.name}") from None
-    if depmod.returncode != 0:
-        said = err.decode(errors='replace').strip().replace(str(work / "stage"), "")[:2000]
+            ran = depmod.result()
+        except process.CommandTimedOut:
+            raise KmodguardError(f"depmod did not finish within {DEPMOD_TIMEOUT} s on {source.name}") from None
+    if ran.returncode != 0:
+        said = ran.stderr.decode(errors='replace').strip().replace(str(work / "stage"), "")[:2000]
         raise KmodguardError(f"depmod failed on {source.name} ({_where(source, source.root)}): {said}")
     if deferred is not None:
         raise deferred
