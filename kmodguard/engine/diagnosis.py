@@ -363,11 +363,12 @@ class Diagnoser:
         firmware = self._installed_firmware_names.get(path)
         if firmware is None:
             # the ELF section first: libkmod also verifies the signature (most of a lookup's time)
-            info = modinfo.read(path)
-            try:
-                firmware = (info or self.installed.module_info(path)).firmware
-            except (KmodError, OSError):
-                firmware = ()
+            firmware = modinfo.firmware(path)
+            if firmware is None:
+                try:
+                    firmware = self.installed.module_info(path).firmware
+                except (KmodError, OSError):
+                    firmware = ()
             self._installed_firmware_names[path] = firmware
         return self._firmware_need(module, firmware, modalias)
 
