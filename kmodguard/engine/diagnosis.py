@@ -159,6 +159,8 @@ class Diagnoser:
         self.system_blacklist = (self.installed.blacklist() if self.installed else frozenset()) | _cmdline_blacklist(paths)
         self.ignored_modules = frozenset(m.replace("-", "_") for m in config.ignore.modules)
         self._memo: dict[str, Verdict] = {}
+        self._by_matches: dict[tuple, Verdict] = {}  # what libkmod matched -> its verdict (_same_matches)
+        self._asked_announcements = False  # the verdict being made read this modalias's announcements
         self._fw_memo: dict[tuple[str, str], tuple[str, ...]] = {}
         # names -> FirmwareLookup (the Engine gives one backed by the package manager)
         self.firmware_lookup: Lookup | None = None
@@ -175,6 +177,7 @@ class Diagnoser:
         """Forget memoised verdicts and firmware: a module may have loaded, firmware may have
         arrived since (the libkmod contexts and indexes stay: callers check those for changes)."""
         self._memo.clear()
+        self._by_matches.clear()
         self._fw_memo.clear()
         self._need_memo.clear()
         self._fw_present = None
@@ -243,7 +246,8 @@ class Diagnoser:
             names = [n for n, _ in installed]
             installed_blocked = self._blocked(names, package=None)
             if len(installed_blocked) < len(names):
-                return self._installed_verdict(modalias, installed, installed_blocked)
+                return self._same_matches(tuple(installed), self._installed_verdict, modalias, installed,
+                                          installed_blocked)
             # every installed match is blacklisted: a not-installed package may still hold one kmod would load
             return self._all_installed_blocked(modalias, names, installed_blocked)
         if self.no_module_support:
@@ -265,7 +269,22 @@ class Diagnoser:
             return self._or_repository(modalias, Verdict(
                 "unknown", f"no module in the installed tree or in the indexed packages ({names}) matches: "
                            f"this kernel has no driver for it"))
-        return self._candidates_verdict(modalias, found)
+        return self._same_matches(tuple((pkg, tuple(modules)) for pkg, modules in found), self._candidates_verdict,
+                                  modalias, found)
+
+    def _same_matches(self, matches: tuple, judge, modalias: str, *args) -> Verdict:
+        """judge(modalias, *args), once for each set of matches: the verdict depends on the
+        modalias only through what libkmod matched (matches: the installed (name, path) pairs, or
+        the (package, modules) found) and, when a module's firmware is absent and the file lists
+        name no package, through the repositories' announcements; such a verdict is not shared.
+        Many modaliases have the same matches: a driver's PCI ids, a GPU family."""
+        verdict = self._by_matches.get(matches)
+        if verdict is None:
+            self._asked_announcements = False
+            verdict = judge(modalias, *args)
+            if not self._asked_announcements:
+                self._by_matches[matches] = verdict
+        return verdict
 
     def _or_repository(self, modalias: str, verdict: Verdict) -> Verdict:
         """Nothing of the kernel's own drives it: does a repository announce a driver package?"""
@@ -290,7 +309,10 @@ class Diagnoser:
                 self._repository = self.repository_lookup() or False
             except (KmodguardError, OSError):
                 self._repository = False  # no package manager to ask: the kernel's own verdict stands
-        return self._repository.lookup(modalias) if self._repository else []
+        if not self._repository:
+            return []
+        self._asked_announcements = True
+        return self._repository.lookup(modalias)
 
     def _repository_candidates(self, modalias: str) -> list[tuple[Candidate, str, str]]:
         """(candidate, how, pattern) for each driver package announcing this modalias; a firmware
