@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ...errors import ExitCode, InvalidInput
-from ..output import HEADINGS, ORDER, emit_json, install_command, safe, table
+from ..output import HEADINGS, ORDER, emit_json, emit_json_results, install_command, safe, table
 from ._common import _exit_for, _print_backing_off, make_paths
 
 
@@ -164,10 +164,10 @@ def explain(args) -> int:
     paths = make_paths(args)
     engine = Engine(paths)
     env, diagnoser = engine.env, engine.diagnoser
-    doc, verdicts = engine.explain_document(modaliases)
+    bodies, verdicts = engine.explain_results(modaliases)
     results = list(zip(modaliases, verdicts))
-    if args.json:
-        emit_json(doc)
+    if args.json:  # the document of engine.explain_document, written without encoding a shared verdict twice
+        emit_json_results({"kernel": paths.kver}, "results", "modalias", bodies)
     else:
         for note in _notes(paths, env, diagnoser):
             print(note, file=sys.stderr)
