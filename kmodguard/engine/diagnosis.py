@@ -160,7 +160,7 @@ class Diagnoser:
         self.ignored_modules = frozenset(m.replace("-", "_") for m in config.ignore.modules)
         self._memo: dict[str, Verdict] = {}
         self._by_matches: dict[tuple, Verdict] = {}  # what libkmod matched -> its verdict (_same_matches)
-        self._asked_announcements = False  # the verdict being made read this modalias's announcements
+        self._beyond_matches = False  # the verdict being made read more of its modalias than its matches
         self._fw_memo: dict[tuple[str, str], tuple[str, ...]] = {}
         # names -> FirmwareLookup (the Engine gives one backed by the package manager)
         self.firmware_lookup: Lookup | None = None
@@ -241,15 +241,8 @@ class Diagnoser:
     def _explain(self, modalias: str) -> Verdict:
         check_modalias(modalias)
         installed = self.installed.lookup_paths(modalias) if self.installed else []
-        installed_blocked: dict[str, str] = {}
         if installed:
-            names = [n for n, _ in installed]
-            installed_blocked = self._blocked(names, package=None)
-            if len(installed_blocked) < len(names):
-                return self._same_matches(tuple(installed), self._installed_verdict, modalias, installed,
-                                          installed_blocked)
-            # every installed match is blacklisted: a not-installed package may still hold one kmod would load
-            return self._all_installed_blocked(modalias, names, installed_blocked)
+            return self._same_matches(tuple(installed), self._installed_match, modalias, installed)
         if self.no_module_support:
             return Verdict("unknown", f"no built-in driver claimed it, and {self.installed_problem}: no package can add one")
         if not self.index.exists:
@@ -275,16 +268,26 @@ class Diagnoser:
     def _same_matches(self, matches: tuple, judge, modalias: str, *args) -> Verdict:
         """judge(modalias, *args), once for each set of matches: the verdict depends on the
         modalias only through what libkmod matched (matches: the installed (name, path) pairs, or
-        the (package, modules) found) and, when a module's firmware is absent and the file lists
-        name no package, through the repositories' announcements; such a verdict is not shared.
+        the (package, modules) found), except when every installed match is blacklisted (then the
+        indexes are asked) or when a module's firmware is absent and the file lists name no
+        package (then the repositories' announcements may be); such a verdict is not shared.
         Many modaliases have the same matches: a driver's PCI ids, a GPU family."""
         verdict = self._by_matches.get(matches)
         if verdict is None:
-            self._asked_announcements = False
+            self._beyond_matches = False
             verdict = judge(modalias, *args)
-            if not self._asked_announcements:
+            if not self._beyond_matches:
                 self._by_matches[matches] = verdict
         return verdict
+
+    def _installed_match(self, modalias: str, installed: list[tuple[str, str | None]]) -> Verdict:
+        names = [n for n, _ in installed]
+        blocked = self._blocked(names, package=None)
+        if len(blocked) < len(names):
+            return self._installed_verdict(modalias, installed, blocked)
+        # every installed match is blacklisted: a not-installed package may still hold one kmod would load
+        self._beyond_matches = True
+        return self._all_installed_blocked(modalias, names, blocked)
 
     def _or_repository(self, modalias: str, verdict: Verdict) -> Verdict:
         """Nothing of the kernel's own drives it: does a repository announce a driver package?"""
@@ -311,7 +314,7 @@ class Diagnoser:
                 self._repository = False  # no package manager to ask: the kernel's own verdict stands
         if not self._repository:
             return []
-        self._asked_announcements = True
+        self._beyond_matches = True
         return self._repository.lookup(modalias)
 
     def _repository_candidates(self, modalias: str) -> list[tuple[Candidate, str, str]]:
