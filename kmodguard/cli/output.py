@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import sys
+from json.encoder import encode_basestring_ascii  # what json.dumps writes for a str (ASCII)
 
 
 def _json_safe(value):
@@ -27,9 +28,36 @@ def emit_json(doc) -> None:
     """One document on stdout: indented for a person at a terminal, compact (json's C encoder,
     several times faster on 9,000 results) for a pipe."""
     indent = 2 if sys.stdout.isatty() else None
-    text = json.dumps(doc, indent=indent, ensure_ascii=True)
+    _write_json(json.dumps(doc, indent=indent, ensure_ascii=True), lambda: doc, indent)
+
+
+def emit_json_results(head: dict, key: str, first: str, results: list[tuple[str, dict]]) -> None:
+    """emit_json({**head, key: [{first: value, **body} for value, body in results]}), where many
+    results share one body object (explain: modaliases that match the same modules share one
+    verdict). For a pipe, each body is encoded once and the texts are joined: the bytes
+    json.dumps would write, without encoding 9,000 results' reasons and candidates (45 ms)."""
+    def doc():
+        return {**head, key: [{first: value, **body} for value, body in results]}
+
+    if sys.stdout.isatty() or key in head:
+        emit_json(doc())
+        return
+    tails: dict[int, str] = {}  # id(body) -> its JSON without the opening brace
+    name = "{" + encode_basestring_ascii(first) + ": "
+    parts = []
+    for value, body in results:
+        tail = tails.get(id(body))
+        if tail is None:
+            tail = tails[id(body)] = (", " if body else "") + json.dumps(body, ensure_ascii=True)[1:]
+        parts.append(name + encode_basestring_ascii(value) + tail)
+    text = json.dumps({**head, key: []}, ensure_ascii=True)  # ends with the empty list: '[]}'
+    _write_json(text[:-3] + "[" + ", ".join(parts) + "]}", doc, None)
+
+
+def _write_json(text: str, doc, indent: int | None) -> None:
+    """text, the JSON of doc() (called only in the rare case below), and a newline to stdout."""
     if "\\udc" in text:  # a byte that was not UTF-8 may be in there (rare): rewrite those strings
-        text = json.dumps(_json_safe(doc), indent=indent, ensure_ascii=True)
+        text = json.dumps(_json_safe(doc()), indent=indent, ensure_ascii=True)
     out = sys.stdout
     # ensure_ascii JSON escapes every control character but DEL, and compact JSON has no newline:
     # without a DEL it has nothing for _Printable to escape, so its scan (50 ms on 9,000 explain

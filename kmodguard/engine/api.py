@@ -108,9 +108,18 @@ class Engine:
         return Backoff(self.paths.state_dir).backing_off([d.id for d, v in judged if v.verdict in NEEDS_ACTION])
 
     def explain_document(self, modaliases: list[str]) -> tuple[dict, list[Verdict]]:
+        results, verdicts = self.explain_results(modaliases)
+        return ({"kernel": self.paths.kver, "results": [{"modalias": m, **body} for m, body in results]}, verdicts)
+
+    def explain_results(self, modaliases: list[str]) -> tuple[list[tuple[str, dict]], list[Verdict]]:
+        """(modalias, its verdict's as_json) for each, and the verdicts. Modaliases with the same
+        matches share one Verdict (Diagnoser._same_matches), and then one as_json dict, made once."""
         verdicts = [self.diagnoser.explain(check_modalias(m)) for m in modaliases]
-        return ({"kernel": self.paths.kver,
-                 "results": [{"modalias": m, **v.as_json()} for m, v in zip(modaliases, verdicts)]}, verdicts)
+        bodies: dict[int, dict] = {}  # id(verdict): every verdict stays alive in `verdicts`
+        for v in verdicts:
+            if id(v) not in bodies:
+                bodies[id(v)] = v.as_json()
+        return [(m, bodies[id(v)]) for m, v in zip(modaliases, verdicts)], verdicts
 
     # --- planning ----------------------------------------------------------------------------
 

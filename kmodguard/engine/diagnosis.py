@@ -159,6 +159,8 @@ class Diagnoser:
         self.system_blacklist = (self.installed.blacklist() if self.installed else frozenset()) | _cmdline_blacklist(paths)
         self.ignored_modules = frozenset(m.replace("-", "_") for m in config.ignore.modules)
         self._memo: dict[str, Verdict] = {}
+        self._by_matches: dict[tuple, Verdict] = {}  # what libkmod matched -> its verdict (_same_matches)
+        self._beyond_matches = False  # the verdict being made read more of its modalias than its matches
         self._fw_memo: dict[tuple[str, str], tuple[str, ...]] = {}
         # names -> FirmwareLookup (the Engine gives one backed by the package manager)
         self.firmware_lookup: Lookup | None = None
@@ -175,6 +177,7 @@ class Diagnoser:
         """Forget memoised verdicts and firmware: a module may have loaded, firmware may have
         arrived since (the libkmod contexts and indexes stay: callers check those for changes)."""
         self._memo.clear()
+        self._by_matches.clear()
         self._fw_memo.clear()
         self._need_memo.clear()
         self._fw_present = None
@@ -238,14 +241,8 @@ class Diagnoser:
     def _explain(self, modalias: str) -> Verdict:
         check_modalias(modalias)
         installed = self.installed.lookup_paths(modalias) if self.installed else []
-        installed_blocked: dict[str, str] = {}
         if installed:
-            names = [n for n, _ in installed]
-            installed_blocked = self._blocked(names, package=None)
-            if len(installed_blocked) < len(names):
-                return self._installed_verdict(modalias, installed, installed_blocked)
-            # every installed match is blacklisted: a not-installed package may still hold one kmod would load
-            return self._all_installed_blocked(modalias, names, installed_blocked)
+            return self._same_matches(tuple(installed), self._installed_match, modalias, installed)
         if self.no_module_support:
             return Verdict("unknown", f"no built-in driver claimed it, and {self.installed_problem}: no package can add one")
         if not self.index.exists:
@@ -265,7 +262,32 @@ class Diagnoser:
             return self._or_repository(modalias, Verdict(
                 "unknown", f"no module in the installed tree or in the indexed packages ({names}) matches: "
                            f"this kernel has no driver for it"))
-        return self._candidates_verdict(modalias, found)
+        return self._same_matches(tuple((pkg, tuple(modules)) for pkg, modules in found), self._candidates_verdict,
+                                  modalias, found)
+
+    def _same_matches(self, matches: tuple, judge, modalias: str, *args) -> Verdict:
+        """judge(modalias, *args), once for each set of matches: the verdict depends on the
+        modalias only through what libkmod matched (matches: the installed (name, path) pairs, or
+        the (package, modules) found), except when every installed match is blacklisted (then the
+        indexes are asked) or when a module's firmware is absent and the file lists name no
+        package (then the repositories' announcements may be); such a verdict is not shared.
+        Many modaliases have the same matches: a driver's PCI ids, a GPU family."""
+        verdict = self._by_matches.get(matches)
+        if verdict is None:
+            self._beyond_matches = False
+            verdict = judge(modalias, *args)
+            if not self._beyond_matches:
+                self._by_matches[matches] = verdict
+        return verdict
+
+    def _installed_match(self, modalias: str, installed: list[tuple[str, str | None]]) -> Verdict:
+        names = [n for n, _ in installed]
+        blocked = self._blocked(names, package=None)
+        if len(blocked) < len(names):
+            return self._installed_verdict(modalias, installed, blocked)
+        # every installed match is blacklisted: a not-installed package may still hold one kmod would load
+        self._beyond_matches = True
+        return self._all_installed_blocked(modalias, names, blocked)
 
     def _or_repository(self, modalias: str, verdict: Verdict) -> Verdict:
         """Nothing of the kernel's own drives it: does a repository announce a driver package?"""
@@ -290,7 +312,10 @@ class Diagnoser:
                 self._repository = self.repository_lookup() or False
             except (KmodguardError, OSError):
                 self._repository = False  # no package manager to ask: the kernel's own verdict stands
-        return self._repository.lookup(modalias) if self._repository else []
+        if not self._repository:
+            return []
+        self._beyond_matches = True
+        return self._repository.lookup(modalias)
 
     def _repository_candidates(self, modalias: str) -> list[tuple[Candidate, str, str]]:
         """(candidate, how, pattern) for each driver package announcing this modalias; a firmware
@@ -363,11 +388,12 @@ class Diagnoser:
         firmware = self._installed_firmware_names.get(path)
         if firmware is None:
             # the ELF section first: libkmod also verifies the signature (most of a lookup's time)
-            info = modinfo.read(path)
-            try:
-                firmware = (info or self.installed.module_info(path)).firmware
-            except (KmodError, OSError):
-                firmware = ()
+            firmware = modinfo.firmware(path)
+            if firmware is None:
+                try:
+                    firmware = self.installed.module_info(path).firmware
+                except (KmodError, OSError):
+                    firmware = ()
             self._installed_firmware_names[path] = firmware
         return self._firmware_need(module, firmware, modalias)
 

@@ -24,8 +24,9 @@ _KEYS = (b"alias", b"firmware", b"depends")
 # (re), not a partition() of each of the section's ~20 entries a module in Python.
 _ENTRY = re.compile(rb"(?<![^\0])(alias|firmware|depends)(?:=([^\0]*))?(?![^\0])")
 # ELF class -> (offset of e_shoff, its format, offset of e_shentsize/e_shnum/e_shstrndx,
-#               section header size, section header format: name, type, flags, addr, offset, size)
-_LAYOUT = {1: (0x20, "I", 0x2E, 40, "IIIIII"), 2: (0x28, "Q", 0x3A, 64, "IIQQQQ")}
+#               section header size, section header format: name, type, flags, addr, offset, size,
+#               then padding to the header's size, so that struct.iter_unpack reads the table in one call)
+_LAYOUT = {1: (0x20, "I", 0x2E, 40, "IIIIII16x"), 2: (0x28, "Q", 0x3A, 64, "IIQQQQ24x")}
 
 
 def modname(path: str) -> str:
@@ -35,26 +36,48 @@ def modname(path: str) -> str:
 
 def read(path: str) -> ModuleInfo | None:
     """The module's alias, firmware and depends entries, or None to leave the file to libkmod."""
-    if not path.endswith(".ko"):
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        raw, size = _modinfo_section(fd)
-    except (OSError, ValueError, struct.error, IndexError):
-        return None
-    finally:
-        os.close(fd)
+    raw, size = _section(path)
     if raw is None:
         return None
-    values: dict[bytes, list[str]] = {k: [] for k in _KEYS}
-    for key, value in _ENTRY.findall(raw):
-        values[key].append(value.decode("utf-8", "surrogateescape"))
+    values = _values(raw)
     depends = tuple(d.replace("-", "_") for v in values[b"depends"] for d in v.split(",") if d)
     return ModuleInfo(name=modname(path), path=path, size=size, aliases=tuple(values[b"alias"]),
                       firmware=tuple(values[b"firmware"]), depends=depends)
+
+
+def firmware(path: str) -> tuple[str, ...] | None:
+    """Only the firmware entries, as read() gives them, or None to leave the file to libkmod.
+
+    What judging an installed module needs: most modules name no firmware, and their
+    .modinfo (hundreds of aliases for some) is then not split at all."""
+    raw, _ = _section(path)
+    if raw is None:
+        return None
+    return tuple(_values(raw)[b"firmware"]) if b"firmware" in raw else ()
+
+
+def _section(path: str) -> tuple[bytes | None, int]:
+    """The .modinfo section's bytes and the file's size; (None, 0) to leave the file to libkmod."""
+    if not path.endswith(".ko"):
+        return None, 0
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None, 0
+    try:
+        return _modinfo_section(fd)
+    except (OSError, ValueError, struct.error, IndexError):
+        return None, 0
+    finally:
+        os.close(fd)
+
+
+def _values(raw: bytes) -> dict[bytes, list[str]]:
+    """The wanted keys' values in order, split as libkmod splits the strings."""
+    values: dict[bytes, list[str]] = {k: [] for k in _KEYS}
+    for key, value in _ENTRY.findall(raw):
+        values[key].append(value.decode("utf-8", "surrogateescape"))
+    return values
 
 
 def _modinfo_section(fd: int) -> tuple[bytes | None, int]:
@@ -71,16 +94,13 @@ def _modinfo_section(fd: int) -> tuple[bytes | None, int]:
     table = os.pread(fd, shnum * entsize, shoff)
     if len(table) != shnum * entsize:
         return None, size
-    # the whole table in one C loop (iter_unpack), each header padded to its full size
-    pad = entsize - struct.calcsize(order + sh_fmt)
-    sections = list(struct.iter_unpack(f"{order}{sh_fmt}{pad}x", table))
-    ends = [s[4] + s[5] for s in sections if s[1] != 8]  # SHT_NOBITS (8) has no bytes in the file
-    if ends and max(ends) > size:
+    sections = list(struct.iter_unpack(order + sh_fmt, table))
+    if any(s[1] != 8 and s[4] + s[5] > size for s in sections):  # SHT_NOBITS (8) has no bytes in the file
         return None, size
     _, _, _, _, names_off, names_size = sections[shstrndx]
     names = os.pread(fd, names_size, names_off)
-    at, starts = names.find(b".modinfo\0"), set()
-    while at >= 0:  # every place the name starts (a string table may share tails)
+    starts, at = set(), names.find(b".modinfo\0")
+    while at >= 0:  # where the name ".modinfo" begins in the string table (one place, as a rule)
         starts.add(at)
         at = names.find(b".modinfo\0", at + 1)
     found = [s for s in sections if s[0] in starts]
