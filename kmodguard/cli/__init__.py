@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             return ExitCode.USAGE
         from . import commands  # the engine loads only when a command runs
 
-        return int(getattr(commands, args.func)(args))
+        return int(commands.command(args.func)(args))
     except KmodguardError as exc:
         return _fail(exc, want_json)
     except KeyboardInterrupt:

@@ -75,3 +75,21 @@ def test_a_command_s_help_is_the_same(argv, capsys):
             parse(argv)
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and "exit status" in texts[0]
+
+
+def test_a_command_runs_again_in_the_same_process(indexed, world, monkeypatch, capsys):
+    """The command `status` lives in the family module `status`: once that module was imported,
+    a lookup by attribute found the module, and a second `explain` or `status` in one process
+    (a test, an embedding tool) ended as an internal error."""
+    import json
+
+    for key, value in indexed.env.items():
+        if key.startswith("KMODGUARD_"):
+            monkeypatch.setenv(key, value)
+    from synthetic import ALIAS
+
+    for argv in (["explain", "--json", "--kver", world.kver, ALIAS["gpu"]],) * 2 + (["status", "--json"],) * 2:
+        code = cli.main(argv)
+        out = capsys.readouterr()
+        assert code in (0, 3), out.err
+        assert "internal error" not in out.err and json.loads(out.out)

@@ -19,7 +19,8 @@ FAMILY = {
 }
 
 
-def __getattr__(name: str):
-    if name not in FAMILY:
-        raise AttributeError(name)
+def command(name: str):
+    """The function behind the parser's command `name`, its family's module imported now. (Not a
+    module attribute: importing the family module `status` binds `commands.status` to the module,
+    and the command of the same name would be lost.)"""
     return getattr(importlib.import_module(f"{__name__}.{FAMILY[name]}"), name)
