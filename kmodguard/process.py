@@ -15,6 +15,7 @@ import select
 import selectors
 import signal
 import subprocess
+import sys
 import time
 
 from .errors import KmodguardError
@@ -66,7 +67,8 @@ def start(args: list[str], timeout: float, name: str | None = None, *, env_extra
     deadline counts from now. Output is read only in result(): a command that writes more than a
     pipe holds waits until then."""
     name = name or os.path.basename(args[0])
-    _log().debug("running %s", args)
+    if "logging" in sys.modules:  # else no handler can want the line, and importing logging costs status 3 ms
+        _log().debug("running %s", args)
     try:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
