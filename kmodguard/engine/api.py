@@ -14,7 +14,7 @@ from ..devices import Device
 from ..errors import InvalidInput, KmodguardError
 from ..paths import Paths
 from . import environment
-from .diagnosis import NEEDS_ACTION, Diagnoser, Verdict, check_modalias
+from .diagnosis import NEEDS_ACTION, Diagnoser, Verdict
 
 if TYPE_CHECKING:  # annotations only: status and explain never plan (the module is 1 ms of their start)
     from .plan import Plan
@@ -114,7 +114,7 @@ class Engine:
     def explain_results(self, modaliases: list[str]) -> tuple[list[tuple[str, dict]], list[Verdict]]:
         """(modalias, its verdict's as_json) for each, and the verdicts. Modaliases with the same
         matches share one Verdict (Diagnoser._same_matches), and then one as_json dict, made once."""
-        verdicts = [self.diagnoser.explain(check_modalias(m)) for m in modaliases]
+        verdicts = [self.diagnoser.explain(m) for m in modaliases]  # the Diagnoser checks each (InvalidInput)
         bodies: dict[int, dict] = {}  # id(verdict): every verdict stays alive in `verdicts`
         for v in verdicts:
             if id(v) not in bodies:
