@@ -22,7 +22,7 @@ from typing import Callable
 from .. import process, requests
 from ..errors import KmodguardError, PackageUnavailable
 from ..fsutil import make_dir
-from . import build, store
+from . import build, derive, store
 
 
 def _requests(policy, backend: str, kver: str) -> dict[str, str]:
@@ -96,7 +96,7 @@ def fetch(engine, kver: str, progress: Callable[[str], None], *, download: bool 
         modules = _kmod_modules(backend.provides(request)) if not download else set()
         source = _source_index(paths.index_root, kver, name, modules) if modules else None
         if source is not None:
-            made = build.derive(paths.index_root, source.kver, kver, only_modules={name: modules},
+            made = derive.derive(paths.index_root, source.kver, kver, only_modules={name: modules},
                                 versions={name: version} if version else None, packages=[name], replace=True,
                                 policy=engine.policy)
             if made:

@@ -7,7 +7,7 @@ A package directory is a kmod-format module directory that libkmod opens as it i
   modprobe.d/                the modprobe.d files the package ships (its own blacklists)
   modules.json.xz            per module: path, size, aliases, firmware, depends
   index.json                 format, version, package, request, blacklist, checksums (written last);
-                             a derived index (build.derive) also says which kernel it was derived
+                             a derived index (derive.derive) also says which kernel it was derived
                              from ("derived_from") and may restrict the alias tables to the modules
                              the new package is known to hold ("only_modules")
 """

@@ -138,7 +138,7 @@ def index_fetch(args) -> int:
 
 
 def index_derive(args) -> int:
-    from ...index.build import derive
+    from ...index.derive import derive
     from ...paths import running_kernel
 
     paths = make_paths(args)
