@@ -29,6 +29,13 @@ def _log():
     return logging.getLogger(__name__)
 
 
+def _debug(message: str, *args) -> None:
+    """A debug line, only when logging is in use (the CLI sets it up for -v or the journal): else
+    no handler can want it, and importing logging for it would cost every cold status 3 ms."""
+    if "logging" in sys.modules:
+        _log().debug(message, *args)
+
+
 OUTPUT_CAP = 16 << 20  # bytes kept per stream; the rest is read and dropped
 EXIT_GRACE = 2.0  # seconds to drain the pipes after the command exited
 TERM_GRACE = 5.0  # seconds between SIGTERM and SIGKILL at the deadline
@@ -67,8 +74,7 @@ def start(args: list[str], timeout: float, name: str | None = None, *, env_extra
     deadline counts from now. Output is read only in result(): a command that writes more than a
     pipe holds waits until then."""
     name = name or os.path.basename(args[0])
-    if "logging" in sys.modules:  # else no handler can want the line, and importing logging costs status 3 ms
-        _log().debug("running %s", args)
+    _debug("running %s", args)
     try:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,

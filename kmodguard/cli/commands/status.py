@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ...engine.diagnosis import MAX_MODALIAS, check_modalias  # both commands judge: the engine loads anyway
 from ...errors import ExitCode, InvalidInput
 from ..output import HEADINGS, ORDER, emit_json, emit_json_results, install_command, safe, table
 from ._common import _exit_for, _print_backing_off, make_paths
@@ -129,8 +130,6 @@ def _read_modaliases(items: list[str]) -> list[str]:
 def _stdin_modaliases() -> list[str]:
     """One modalias a line ('#' comments); a line is refused as soon as it is too long, before
     the rest of it is read."""
-    from ...engine.diagnosis import MAX_MODALIAS, check_modalias
-
     out = []
     stdin = sys.stdin.buffer
     for n in range(1, MAX_STDIN_LINES + 2):
@@ -144,16 +143,11 @@ def _stdin_modaliases() -> list[str]:
                                "a longer modalias")
         line = raw.decode("utf-8", "surrogateescape").strip(" \t\r\n")  # other control bytes: refused
         if line and not line.startswith("#"):
-            try:  # as _checked does, without its import and message for each of thousands of lines
-                out.append(check_modalias(line))
-            except InvalidInput as exc:
-                raise InvalidInput(f"stdin line {n}: {exc.message}") from None
+            out.append(_checked(line, f"stdin line {n}"))
     return out
 
 
 def _checked(value: str, where: str) -> str:
-    from ...engine.diagnosis import check_modalias
-
     try:
         return check_modalias(value)
     except InvalidInput as exc:
