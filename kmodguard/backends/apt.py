@@ -16,6 +16,7 @@ that a package is in no repository) and reports a refused signature as Signature
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -75,6 +76,7 @@ def install_argv(names: list[str], opts: list[str], lock_wait: float, names_allo
 # Firmware: Debian 12 ships it in /lib/firmware, later releases in /usr/lib/firmware; uncompressed
 FIRMWARE_DIRS = ("lib/firmware/", "usr/lib/firmware/")  # as Contents files spell paths
 FIRMWARE_SUFFIXES = ("", ".xz", ".zst")
+MAX_POLICY_ARGS = 2000  # Debian's Contents name tens of packages under lib/firmware: one short command line
 # apt-get indextargets: one line per index target of the enabled sources
 TARGET_FORMAT = "$(IDENTIFIER)\t$(COMPONENT)\t$(FILENAME)"
 TARGETS_CACHE = "apt-indextargets.json"  # in STATE_DIR
@@ -106,6 +108,7 @@ class AptBackend:
         self.timeout = timeout  # for queries and refreshes; an install gets its own
         self._firmware_cache = None  # _firmware_table, until the lists are refreshed
         self._targets_cache = None  # apt-get indextargets, until the lists are refreshed
+        self._versions: dict[str, str] = {}  # firmware package -> candidate version, until then too
 
     def _name_allowed(self, name: str) -> bool:
         from ..config import name_matches
@@ -140,6 +143,7 @@ class AptBackend:
         """apt-get update in the target root. SignatureRefused when a repository's Release
         signature is refused (apt then drops that repository); KmodguardError when one is unreachable."""
         self._firmware_cache = self._targets_cache = None  # the lists change: read them again when asked
+        self._versions = {}
         res = self._apt(["apt-get", "-q", "update"], timeout or self.timeout, "apt-get update")
         output = res.stdout + res.stderr
         refused = sorted({a or b for a, b in _SIGNATURE_REFUSED.findall(output)})
@@ -270,7 +274,9 @@ class AptBackend:
         except OSError:
             pass
 
+    @functools.cached_property
     def _debian(self) -> bool:
+        """Debian itself (not a derivative): read once, `explain -` asks for hundreds of modules."""
         try:
             text = (self.root / "etc/os-release").read_text(errors="replace")
         except OSError:
@@ -292,11 +298,17 @@ class AptBackend:
             for path in (d + n + sfx for d in FIRMWARE_DIRS for sfx in FIRMWARE_SUFFIXES):
                 if path in table:
                     providers.setdefault(n, set()).update(table[path])
-        if self._debian() and "non-free-firmware" not in components:
+        if self._debian and "non-free-firmware" not in components:
             notes.append("no enabled APT source has Debian's non-free-firmware component, where its firmware-* "
                          "packages are: add it to the sources (e.g. 'Components: main non-free-firmware') and run "
                          "'apt-get update'")
-        versions = self._candidate_versions(sorted(set().union(*providers.values())) if providers else [], timeout)
+        wanted = set().union(*providers.values()) if providers else set()
+        if wanted - self._versions.keys():
+            # every firmware package at once: asked once a module, apt-cache would load its cache each time
+            every = set().union(wanted, *table.values())
+            ask = every if len(every) <= MAX_POLICY_ARGS else wanted
+            self._versions.update(self._candidate_versions(sorted(ask - self._versions.keys()), timeout))
+        versions = {p: self._versions.get(p, "") for p in wanted}
         return FirmwareLookup({n: tuple(sorted(p)) for n, p in providers.items()}, versions, "; ".join(notes) or None)
 
     def _firmware_table(self, timeout: float) -> tuple[dict[str, set[str]], set[str], bool]:
@@ -329,11 +341,12 @@ class AptBackend:
         """Each package's candidate version ('' when apt has none)."""
         if not packages:
             return {}
+        versions = dict.fromkeys(packages, "")
         res = self._apt(["apt-cache", "policy", "--", *packages], timeout, "apt-cache policy")
-        versions, current = {}, None
+        current = None
         for line in res.stdout.splitlines():
             if line and not line[0].isspace() and line.endswith(":"):
-                current = line[:-1] if line[:-1] in packages else None
+                current = line[:-1] if line[:-1] in versions else None
             elif current and line.strip().startswith("Candidate:"):
                 v = line.split(":", 1)[1].strip()
                 versions[current] = v if req.VERSION_RE.fullmatch(v) else ""

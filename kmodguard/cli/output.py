@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -34,24 +35,37 @@ def emit_json(doc) -> None:
 def emit_json_results(head: dict, key: str, first: str, results: list[tuple[str, dict]]) -> None:
     """emit_json({**head, key: [{first: value, **body} for value, body in results]}), where many
     results share one body object (explain: modaliases that match the same modules share one
-    verdict). For a pipe, each body is encoded once and the texts are joined: the bytes
-    json.dumps would write, without encoding 9,000 results' reasons and candidates (45 ms)."""
+    verdict). For a pipe, each body is encoded once and the pieces, as bytes, are joined once:
+    the bytes json.dumps would write, without encoding 9,000 results' reasons and candidates
+    (45 ms), nor copying 9 MB of text four times (15 ms)."""
     def doc():
         return {**head, key: [{first: value, **body} for value, body in results]}
 
     if sys.stdout.isatty() or key in head:
         emit_json(doc())
         return
-    tails: dict[int, str] = {}  # id(body) -> its JSON without the opening brace
-    name = "{" + encode_basestring_ascii(first) + ": "
-    parts = []
-    for value, body in results:
+    tails: dict[int, bytes] = {}  # id(body) -> its JSON without the opening brace
+    name = ("{" + encode_basestring_ascii(first) + ": ").encode()
+    text = json.dumps({**head, key: []}, ensure_ascii=True)  # ends with the empty list: '[]}'
+    parts, odd = [text[:-3].encode(), b"["], "\\udc" in text or "\x7f" in text
+    for i, (value, body) in enumerate(results):
         tail = tails.get(id(body))
         if tail is None:
-            tail = tails[id(body)] = (", " if body else "") + json.dumps(body, ensure_ascii=True)[1:]
-        parts.append(name + encode_basestring_ascii(value) + tail)
-    text = json.dumps({**head, key: []}, ensure_ascii=True)  # ends with the empty list: '[]}'
-    _write_json(text[:-3] + "[" + ", ".join(parts) + "]}", doc, None)
+            t = (", " if body else "") + json.dumps(body, ensure_ascii=True)[1:]
+            odd = odd or "\\udc" in t or "\x7f" in t
+            tail = tails[id(body)] = t.encode()
+        v = encode_basestring_ascii(value)
+        odd = odd or "\\udc" in v or "\x7f" in v
+        parts += (b", " if i else b"", name, v.encode(), tail)
+    parts.append(b"]}\n")
+    out = sys.stdout._stream if isinstance(sys.stdout, _Printable) else sys.stdout
+    raw = out.buffer if isinstance(out, io.TextIOWrapper) else None
+    if odd or raw is None:  # a byte that was not UTF-8, a DEL, or another stream: the careful way
+        _write_json(b"".join(parts)[:-1].decode("ascii"), doc, None)
+        return
+    out.flush()  # what was written as text goes first
+    raw.write(b"".join(parts))
+    raw.flush()
 
 
 def _write_json(text: str, doc, indent: int | None) -> None:

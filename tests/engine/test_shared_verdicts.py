@@ -135,12 +135,17 @@ def test_explain_json_of_many_is_json_dumps_of_each_alone(machine):
     ({"kernel": "k", "n": 1}, [("a:1", {"verdict": "x", "list": [1, "é"]})] * 3 + [("a:2", {})]),
     ({}, [("a:1", {"reason": "not UTF-8: \udcff"}), ("a:2", {"reason": "fine"})]),
     ({"kernel": "k", "results": "taken"}, [("a:1", {"v": 1})]),
+    ({"kernel": "k"}, [("a:1", {"reason": "a DEL: \x7f"}), ("a:\x7f", {})]),
 ])
-def test_emit_json_results_writes_what_emit_json_writes(capsys, head, results):
+@pytest.mark.parametrize("printable", [False, True], ids=["raw", "printable"])
+def test_emit_json_results_writes_what_emit_json_writes(capsys, monkeypatch, head, results, printable):
+    if printable:  # as the CLI writes: control characters a terminal would act on are escaped
+        monkeypatch.setattr(sys, "stdout", output._Printable(sys.stdout))
     output.emit_json({**head, "results": [{"modalias": m, **body} for m, body in results]})
     expected = capsys.readouterr().out
     output.emit_json_results(head, "results", "modalias", results)
     assert capsys.readouterr().out == expected
+    assert ("\x7f" in expected) == (printable is False and "\x7f" in str(results))
 
 
 def test_modinfo_firmware_is_what_read_gives(tmp_path):
