@@ -428,8 +428,8 @@ class Diagnoser:
             blocked_all.update(blocked)
             for m in modules:
                 if m not in blocked:
-                    record = pkg.modules.get(m)
-                    need = self._firmware_need(m, record.firmware, modalias) if record and record.firmware else None
+                    firmware = pkg.firmware_of(m)
+                    need = self._firmware_need(m, firmware, modalias) if firmware else None
                     candidates.append(Candidate(m, pkg.name, pkg.version, pkg.request,
                                                 self._firmware_missing(pkg, m), need))
         if not candidates:
@@ -454,9 +454,8 @@ class Diagnoser:
     def _firmware_missing(self, pkg: PackageIndex, module: str) -> tuple[str, ...]:
         key = (pkg.name, module)
         if key not in self._fw_memo:
-            record = pkg.modules.get(module)
             present = self._firmware_present()
-            self._fw_memo[key] = tuple(fw for fw in (record.firmware if record else ()) if fw not in present)
+            self._fw_memo[key] = tuple(fw for fw in pkg.firmware_of(module) if fw not in present)
         return self._fw_memo[key]
 
     def _firmware_present(self) -> frozenset[str]:

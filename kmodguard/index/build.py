@@ -252,6 +252,8 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
                     "rebuilds_initramfs": source.rebuilds_initramfs},
         "blacklist": {"files": [f.name for f in conf_files], "modules": blacklist},
         "modules": len(records),
+        # what judging needs of the module table, beside it: explain need not decompress 1 MB
+        "firmware": {name: r["firmware"] for name, r in sorted(records.items()) if r["firmware"]},
         "built": time.time(),
         "source": source.origin,
     }

@@ -6,7 +6,9 @@ A package directory is a kmod-format module directory that libkmod opens as it i
                              empty kmod indexes: a package index answers aliases only
   modprobe.d/                the modprobe.d files the package ships (its own blacklists)
   modules.json.xz            per module: path, size, aliases, firmware, depends
-  index.json                 format, version, package, request, blacklist, checksums (written last);
+  index.json                 format, version, package, request, blacklist, checksums (written last),
+                             and the firmware each module names ("firmware", the module table's
+                             entries that judging reads; an index built before it has none);
                              a derived index (derive.derive) also says which kernel it was derived
                              from ("derived_from") and may restrict the alias tables to the modules
                              the new package is known to hold ("only_modules")
@@ -212,6 +214,10 @@ class PackageIndex:
             self.checksums = {_typed(k, str): _typed(v, str) for k, v in _typed(meta["files"], dict).items()}
             self.source = meta.get("source")
             self.derived_from = meta.get("derived_from")
+            firmware = meta.get("firmware")
+            self._firmware = None if firmware is None else {
+                _typed(m, str): tuple(_typed(f, str) for f in _typed(names, list))
+                for m, names in _typed(firmware, dict).items()}
             only = meta.get("only_modules")
             self.only_modules = None if only is None else frozenset(_typed(m, str) for m in _typed(only, list))
             indexed_kver = _typed(meta["kernel"], str)
@@ -263,6 +269,14 @@ class PackageIndex:
     def lookup(self, modalias: str) -> list[str]:
         found = self.context.lookup(modalias)
         return found if self.only_modules is None else [m for m in found if m in self.only_modules]
+
+    def firmware_of(self, module: str) -> tuple[str, ...]:
+        """The firmware files the package's module names (from index.json; from the module table
+        for an index built before index.json carried them)."""
+        if self._firmware is not None:
+            return self._firmware.get(module, ())
+        record = self.modules.get(module)
+        return record.firmware if record else ()
 
     @cached_property
     def modules(self) -> dict[str, ModuleRecord]:

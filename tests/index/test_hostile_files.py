@@ -90,6 +90,8 @@ def test_deeply_nested_index_json(indexed, world):
     ("built", 1e300, "lacks or mangles"),
     ("modules", True, "lacks or mangles"),
     ("blacklist", {"modules": [1, 2]}, "lacks or mangles"),
+    ("firmware", {"kmg_gpu": "kmg/a.bin"}, "lacks or mangles"),
+    ("firmware", [["kmg_gpu", ["kmg/a.bin"]]], "lacks or mangles"),
 ])
 def test_ill_typed_fields(indexed, world, field, value, message):
     gen = pkgdir(indexed.env, world.kver, "kernel-modules").resolve()

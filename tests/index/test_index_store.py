@@ -39,6 +39,22 @@ def test_show_modules_records_path_size_aliases_firmware(indexed, world):
     assert gpu["size"] > 0
 
 
+def test_index_json_names_each_modules_firmware_and_an_index_built_before_it_judges_alike(indexed, world):
+    import json
+
+    from test_hostile_files import rewrite_meta
+
+    doc = indexed("index", "show", "--json", "--modules", "--kver", world.kver, "kernel-modules", check_code=0).json
+    table = {m["module"]: m["firmware"] for m in doc["packages"][0]["module_list"] if m["firmware"]}
+    gen = pkgdir(indexed.env, world.kver, "kernel-modules").resolve()
+    assert json.loads((gen / "index.json").read_text())["firmware"] == table and "kmg_gpu" in table
+    gpu = indexed("explain", "--json", "--kver", world.kver, ALIAS["gpu"], check_code=3).json["results"][0]
+    assert gpu["candidates"][0]["firmware_missing"] == ["kmg/gpu_absent.bin"]
+    rewrite_meta(gen, lambda m: m.pop("firmware"))  # as the build wrote it before: the module table answers
+    again = indexed("explain", "--json", "--kver", world.kver, ALIAS["gpu"], check_code=3).json["results"][0]
+    assert again == gpu
+
+
 def test_rebuild_replaces_atomically_and_leaves_no_generations(indexed, world):
     link = pkgdir(indexed.env, world.kver, "kernel-modules")
     first = os.readlink(link)
