@@ -1,4 +1,5 @@
-"""C declarations of the part of libkmod (libkmod.h, kmod >= 25) that kmodguard uses.
+"""C declarations of the part of libkmod (libkmod.h, kmod >= 25) that kmodguard uses, and the
+two calls of libc (POSIX.1-2008 <locale.h>) that run its matching in the C locale.
 
 ABI mode: nothing is compiled at install time; libkmod.so.2 is opened at run time.
 """
@@ -50,4 +51,9 @@ int kmod_module_probe_insert_module(struct kmod_module *mod, unsigned int flags,
                                     const char *extra_options,
                                     void *run_install, const void *data,
                                     void *print_action);
+
+/* libc: a thread's own locale, for the duration of one libkmod call */
+typedef void *locale_t;
+locale_t newlocale(int category_mask, const char *locale, locale_t base);
+locale_t uselocale(locale_t newloc);
 """

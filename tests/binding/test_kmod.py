@@ -1,6 +1,9 @@
 """The libkmod binding against the real tools on real (synthetic) modules."""
 
+import json
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -39,6 +42,24 @@ def test_one_alias_two_modules_normalised_and_deduplicated(tmp_path):
     oracle = modprobe_R(tmp_path, "6.0.0-k1", "usb:v1234p5678d0000", tmp_path)
     assert len(oracle) == 3  # modprobe lists kmg_dash once per matching alias
     assert set(names) == set(oracle)
+
+
+def test_lookups_match_in_the_c_locale_as_modprobe_does_and_leave_pythons_locale_alone(tmp_path):
+    """In a UTF-8 locale glibc's fnmatch reads '?' as one character, 'é' included; modprobe, which
+    never calls setlocale, reads it as one byte. kmodguard must answer as modprobe does."""
+    build_module(Module("kmg_q", aliases=("kmg:x?y",)), tmp_path / "lib/modules/6.0.0-k3", tmp_path / "src")
+    depmod(tmp_path, "6.0.0-k3")
+    probe = ("import json, locale, sys; from kmodguard.kmod import Context\n"
+             "ctx = Context(sys.argv[1], [])\n"
+             "print(json.dumps([ctx.lookup('kmg:x\\u00e9y'), ctx.lookup('kmg:xzy'), locale.setlocale(locale.LC_CTYPE), "
+             "locale.getencoding(), open(sys.argv[1] + '/modules.dep').encoding]))")
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "lib/modules/6.0.0-k3")], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    multibyte, plain, ctype, encoding, default = json.loads(out)
+    assert multibyte == modprobe_R(tmp_path, "6.0.0-k3", "kmg:x\u00e9y", tmp_path) == []
+    assert plain == ["kmg_q"]
+    assert (ctype, encoding, default) == ("C.UTF-8", "UTF-8", "UTF-8")  # Python's own locale is untouched
 
 
 def test_blacklist_comes_from_the_given_config_only(world, tmp_path):
