@@ -224,8 +224,12 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
             records = _read_modinfo(stage_mdir, modules, mdir, progress, source)
             # compressed and written while depmod may still run: off the critical path
             packed = lzma.compress(json.dumps(records, separators=(",", ":"), sort_keys=True).encode(), preset=1)
+            # what judging reads of the table, apart: explain need not decompress 1 MB for it
+            firmware = {name: r["firmware"] for name, r in records.items() if r["firmware"]}
+            packed_firmware = lzma.compress(json.dumps(firmware, separators=(",", ":"), sort_keys=True).encode(),
+                                            preset=1)
         try:
-            conf_files, blacklist = _own_files(out, packed, source, stage_mdir)
+            conf_files, blacklist = _own_files(out, packed, packed_firmware, source, stage_mdir)
         except Exception as exc:
             deferred = exc  # reported after depmod's own failure, as when this ran after depmod
     finally:
@@ -252,8 +256,6 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
                     "rebuilds_initramfs": source.rebuilds_initramfs},
         "blacklist": {"files": [f.name for f in conf_files], "modules": blacklist},
         "modules": len(records),
-        # what judging needs of the module table, beside it: explain need not decompress 1 MB
-        "firmware": {name: r["firmware"] for name, r in sorted(records.items()) if r["firmware"]},
         "built": time.time(),
         "source": source.origin,
     }
@@ -274,12 +276,14 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def _own_files(out: Path, packed: bytes, source: PackageSource, stage_mdir: Path) -> tuple[list[Path], list[str]]:
-    """The index's files that do not come from depmod (the module table, the package's modprobe.d),
+def _own_files(out: Path, packed: bytes, packed_firmware: bytes, source: PackageSource,
+               stage_mdir: Path) -> tuple[list[Path], list[str]]:
+    """The index's files that do not come from depmod (the module and firmware tables, the package's modprobe.d),
     written and fsynced while depmod runs, so that publish's fsync of them finds nothing to do.
     Returns the modprobe.d files and the modules they blacklist."""
     out.mkdir()
     _write_synced(out / store.MODULES_FILE, packed)
+    _write_synced(out / store.FIRMWARE_FILE, packed_firmware)
     conf_files = _modprobe_files(source.root)
     blacklist: list[str] = []
     if conf_files:

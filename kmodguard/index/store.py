@@ -6,9 +6,10 @@ A package directory is a kmod-format module directory that libkmod opens as it i
                              empty kmod indexes: a package index answers aliases only
   modprobe.d/                the modprobe.d files the package ships (its own blacklists)
   modules.json.xz            per module: path, size, aliases, firmware, depends
-  index.json                 format, version, package, request, blacklist, checksums (written last),
-                             and the firmware each module names ("firmware", the module table's
-                             entries that judging reads; an index built before it has none);
+  firmware.json.xz           per module that names firmware, the files it names: what judging reads
+                             of the module table, a hundredth of its size (an index built before
+                             it has none: the table answers)
+  index.json                 format, version, package, request, blacklist, checksums (written last);
                              a derived index (derive.derive) also says which kernel it was derived
                              from ("derived_from") and may restrict the alias tables to the modules
                              the new package is known to hold ("only_modules")
@@ -34,6 +35,7 @@ VERSION = 2  # 2: index.json carries its own digest, and "files" covers modprobe
 KMOD_FILES = ("modules.alias.bin", "modules.dep.bin", "modules.symbols.bin", "modules.builtin.bin",
               "modules.builtin.alias.bin")
 MODULES_FILE = "modules.json.xz"
+FIRMWARE_FILE = "firmware.json.xz"
 META_FILE = "index.json"
 
 
@@ -88,7 +90,8 @@ def modprobe_files(directory: Path) -> list[str]:
 def checksums(directory: Path) -> dict[str, str]:
     """What index.json's "files" holds for a finished index directory: every file libkmod or
     kmodguard reads from it, modprobe.d/* included."""
-    files = {f: _sha256(directory / f) for f in (*KMOD_FILES, MODULES_FILE)}
+    optional = [FIRMWARE_FILE] if os.path.lexists(directory / FIRMWARE_FILE) else []
+    files = {f: _sha256(directory / f) for f in (*KMOD_FILES, MODULES_FILE, *optional)}
     for name in modprobe_files(directory / MODPROBE_DIR):
         files[f"{MODPROBE_DIR}/{name}"] = _sha256(directory / MODPROBE_DIR / name, MODPROBE_CAP)
     return files
@@ -214,10 +217,6 @@ class PackageIndex:
             self.checksums = {_typed(k, str): _typed(v, str) for k, v in _typed(meta["files"], dict).items()}
             self.source = meta.get("source")
             self.derived_from = meta.get("derived_from")
-            firmware = meta.get("firmware")
-            self._firmware = None if firmware is None else {
-                _typed(m, str): tuple(_typed(f, str) for f in _typed(names, list))
-                for m, names in _typed(firmware, dict).items()}
             only = meta.get("only_modules")
             self.only_modules = None if only is None else frozenset(_typed(m, str) for m in _typed(only, list))
             indexed_kver = _typed(meta["kernel"], str)
@@ -235,7 +234,9 @@ class PackageIndex:
         except InvalidInput as exc:
             raise IndexCorrupt(f"index {path} is refused: {exc.message}", hint=REBUILD) from None
         self.conf_files = [f"{MODPROBE_DIR}/{n}" for n in modprobe_files(self.path / MODPROBE_DIR)]
-        expected = {*KMOD_FILES, MODULES_FILE, *self.conf_files}
+        optional = [FIRMWARE_FILE] if FIRMWARE_FILE in self.checksums or os.path.lexists(
+            self.path / FIRMWARE_FILE) else []  # an index built before it holds none
+        expected = {*KMOD_FILES, MODULES_FILE, *self.conf_files, *optional}
         for fname in self.checksums:
             if fname not in expected:
                 if fname.startswith(f"{MODPROBE_DIR}/"):
@@ -271,29 +272,44 @@ class PackageIndex:
         return found if self.only_modules is None else [m for m in found if m in self.only_modules]
 
     def firmware_of(self, module: str) -> tuple[str, ...]:
-        """The firmware files the package's module names (from index.json; from the module table
-        for an index built before index.json carried them)."""
-        if self._firmware is not None:
+        """The firmware files the package's module names (from firmware.json.xz; from the module
+        table for an index built before it)."""
+        if FIRMWARE_FILE in self.checksums:
             return self._firmware.get(module, ())
         record = self.modules.get(module)
         return record.firmware if record else ()
 
     @cached_property
+    def _firmware(self) -> dict[str, tuple[str, ...]]:
+        raw = self._table(FIRMWARE_FILE)
+        try:
+            return {_typed(m, str): tuple(_typed(f, str) for f in _typed(names, list))
+                    for m, names in _typed(raw, dict).items()}
+        except (TypeError, AttributeError) as exc:
+            raise IndexCorrupt(f"index {self.link} is corrupt: {FIRMWARE_FILE}: {exc}", hint=REBUILD) from None
+
+    @cached_property
     def modules(self) -> dict[str, ModuleRecord]:
+        raw = self._table(MODULES_FILE)
+        try:
+            return {n: ModuleRecord(n, m["path"], int(m["size"]), tuple(m["aliases"]), tuple(m["firmware"]),
+                                    tuple(m["depends"])) for n, m in raw.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise IndexCorrupt(f"index {self.link} is corrupt: {MODULES_FILE}: {exc}", hint=REBUILD) from None
+
+    def _table(self, fname: str):
+        """The JSON of one of the index's xz files, capped before and after decompression."""
         import lzma
 
         try:
-            packed = read_capped(self.path / MODULES_FILE, MODULES_CAP, error_class=IndexCorrupt, hint=REBUILD)
+            packed = read_capped(self.path / fname, MODULES_CAP, error_class=IndexCorrupt, hint=REBUILD)
             dec = lzma.LZMADecompressor()
             text = dec.decompress(packed, max_length=MODULES_JSON_CAP)
             if not dec.eof:
                 raise ValueError(f"it is truncated, or more than {MODULES_JSON_CAP} bytes decompressed")
-            raw = parse_json(text, MODULES_FILE)
-            return {n: ModuleRecord(n, m["path"], int(m["size"]), tuple(m["aliases"]), tuple(m["firmware"]),
-                                    tuple(m["depends"])) for n, m in raw.items()}
-        except (OSError, EOFError, lzma.LZMAError, ValueError, KeyError, TypeError, AttributeError, IndexCorrupt) as exc:
-            raise IndexCorrupt(f"index {self.link} is corrupt: {MODULES_FILE}: {exc}",
-                               hint="rebuild it with 'kmodguard index build'") from None
+            return parse_json(text, fname)
+        except (OSError, EOFError, lzma.LZMAError, ValueError, IndexCorrupt) as exc:
+            raise IndexCorrupt(f"index {self.link} is corrupt: {fname}: {exc}", hint=REBUILD) from None
 
     @property
     def disk_size(self) -> int:

@@ -90,8 +90,6 @@ def test_deeply_nested_index_json(indexed, world):
     ("built", 1e300, "lacks or mangles"),
     ("modules", True, "lacks or mangles"),
     ("blacklist", {"modules": [1, 2]}, "lacks or mangles"),
-    ("firmware", {"kmg_gpu": "kmg/a.bin"}, "lacks or mangles"),
-    ("firmware", [["kmg_gpu", ["kmg/a.bin"]]], "lacks or mangles"),
 ])
 def test_ill_typed_fields(indexed, world, field, value, message):
     gen = pkgdir(indexed.env, world.kver, "kernel-modules").resolve()
@@ -102,6 +100,22 @@ def test_ill_typed_fields(indexed, world, field, value, message):
     else:
         rewrite_meta(gen, lambda m: m.update({field: value}))
     judged_with_one_bad_index(indexed, world, message)
+
+
+@pytest.mark.parametrize("table", [{"kmg_gpu": "kmg/a.bin"}, [["kmg_gpu", ["kmg/a.bin"]]], {"kmg_gpu": [7]}])
+def test_a_resealed_ill_typed_firmware_table_is_reported(indexed, world, table):
+    import hashlib
+    import lzma
+
+    from kmodguard.index import store
+
+    gen = pkgdir(indexed.env, world.kver, "kernel-modules").resolve()
+    packed = lzma.compress(json.dumps(table).encode())
+    (gen / store.FIRMWARE_FILE).write_bytes(packed)
+    rewrite_meta(gen, lambda m: m["files"].update({store.FIRMWARE_FILE: hashlib.sha256(packed).hexdigest()}))
+    res = indexed("explain", "--json", "--kver", world.kver, ALIAS["gpu"], timeout=QUICK)
+    assert res.returncode == 1 and "internal error" not in res.stderr, res.stderr
+    assert f"{store.FIRMWARE_FILE}: a value of the wrong type" in res.stderr and "index build" in res.stderr
 
 
 def test_an_added_modprobe_line_is_caught(indexed, world):

@@ -85,6 +85,6 @@ def test_the_published_index_holds_the_module_table_and_modprobe_files(world, tm
     pkg = _build(world, payload, root, "kernel-modules-extra")
     names = {p.name for p in (payload / "etc" / "modprobe.d").glob("*.conf")}
     assert names and {f.split("/", 1)[1] for f in pkg.conf_files} == names
-    assert set(pkg.checksums) == {*store.KMOD_FILES, store.MODULES_FILE, *pkg.conf_files}
+    assert set(pkg.checksums) == {*store.KMOD_FILES, store.MODULES_FILE, store.FIRMWARE_FILE, *pkg.conf_files}
     assert len(pkg.modules) == pkg.module_count > 0
     assert pkg.blacklist  # read from the copied modprobe.d, as before

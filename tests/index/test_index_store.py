@@ -39,18 +39,21 @@ def test_show_modules_records_path_size_aliases_firmware(indexed, world):
     assert gpu["size"] > 0
 
 
-def test_index_json_names_each_modules_firmware_and_an_index_built_before_it_judges_alike(indexed, world):
-    import json
-
+def test_the_firmware_table_is_the_module_tables_and_an_index_built_before_it_judges_alike(indexed, world):
     from test_hostile_files import rewrite_meta
 
+    from kmodguard.index.store import FIRMWARE_FILE, KernelIndex
+
     doc = indexed("index", "show", "--json", "--modules", "--kver", world.kver, "kernel-modules", check_code=0).json
-    table = {m["module"]: m["firmware"] for m in doc["packages"][0]["module_list"] if m["firmware"]}
-    gen = pkgdir(indexed.env, world.kver, "kernel-modules").resolve()
-    assert json.loads((gen / "index.json").read_text())["firmware"] == table and "kmg_gpu" in table
+    table = {m["module"]: tuple(m["firmware"]) for m in doc["packages"][0]["module_list"]}
+    [pkg] = [p for p in KernelIndex(Path(indexed.env["KMODGUARD_INDEX_DIR"]), world.kver).packages
+             if p.name == "kernel-modules"]
+    assert {m: pkg.firmware_of(m) for m in table} == table and table["kmg_gpu"]
+    assert pkg._firmware.keys() == {m for m, names in table.items() if names}  # only modules that name some
     gpu = indexed("explain", "--json", "--kver", world.kver, ALIAS["gpu"], check_code=3).json["results"][0]
     assert gpu["candidates"][0]["firmware_missing"] == ["kmg/gpu_absent.bin"]
-    rewrite_meta(gen, lambda m: m.pop("firmware"))  # as the build wrote it before: the module table answers
+    (pkg.path / FIRMWARE_FILE).unlink()  # as the build wrote it before: the module table answers
+    rewrite_meta(pkg.path, lambda m: m["files"].pop(FIRMWARE_FILE))
     again = indexed("explain", "--json", "--kver", world.kver, ALIAS["gpu"], check_code=3).json["results"][0]
     assert again == gpu
 
