@@ -262,8 +262,7 @@ class Diagnoser:
             return self._or_repository(modalias, Verdict(
                 "unknown", f"no module in the installed tree or in the indexed packages ({names}) matches: "
                            f"this kernel has no driver for it"))
-        return self._same_matches(tuple((pkg, tuple(modules)) for pkg, modules in found), self._candidates_verdict,
-                                  modalias, found)
+        return self._same_matches(found, self._candidates_verdict, modalias, found)
 
     def _same_matches(self, matches: tuple, judge, modalias: str, *args) -> Verdict:
         """judge(modalias, *args), once for each set of matches: the verdict depends on the
@@ -337,7 +336,7 @@ class Diagnoser:
         """Every installed match is blacklisted: 'missing' when an indexed package holds a match
         nothing blacklists, 'ignored' only when nothing anywhere may be loaded."""
         listed = "; ".join(f"{n} ({why})" for n, why in blocked.items())
-        found = self.index.lookup(modalias) if self.index.exists else []
+        found = self.index.lookup(modalias) if self.index.exists else ()
         if found:
             return self._candidates_verdict(modalias, found, installed=names, installed_blocked=blocked)
         unsure = "" if self.index.exists and not self.index.errors else \
@@ -418,7 +417,7 @@ class Diagnoser:
                 blocked[n] = "excluded by policy (ignore.modules)"
         return blocked
 
-    def _candidates_verdict(self, modalias: str, found: list[tuple[PackageIndex, list[str]]],
+    def _candidates_verdict(self, modalias: str, found: tuple[tuple[PackageIndex, tuple[str, ...]], ...],
                             installed: list[str] = (),
                             installed_blocked: dict[str, str] | None = None) -> Verdict:
         """installed: matching installed modules, all of them blacklisted (installed_blocked says why)."""

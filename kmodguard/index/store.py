@@ -362,13 +362,10 @@ class KernelIndex:
     def exists(self) -> bool:
         return bool(self.packages)
 
-    def lookup(self, modalias: str) -> list[tuple[PackageIndex, list[str]]]:
-        found = []
-        for pkg in self.packages:
-            modules = pkg.lookup(modalias)
-            if modules:
-                found.append((pkg, modules))
-        return found
+    def lookup(self, modalias: str) -> tuple[tuple[PackageIndex, tuple[str, ...]], ...]:
+        """(package, its matching modules) for each package that has any; hashable, as judging
+        keys its verdicts by what matched."""
+        return tuple((pkg, tuple(modules)) for pkg in self.packages if (modules := pkg.lookup(modalias)))
 
 
 def kernels(root: Path) -> list[str]:
