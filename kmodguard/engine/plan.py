@@ -91,8 +91,20 @@ def make_plan(kernel: str, judged: list[tuple[Device, Verdict]], config: Config,
     load: dict[str, None] = {}
     actions = []
     critical: dict[str, str] = {}
+    # devices that share a verdict (the VFs of one PF do) share its decision: the requests are
+    # built and checked once, not once a device (id: `judged` keeps every verdict alive)
+    decided: dict[int, tuple[DeviceAction, list[PackageRequest]]] = {}
     for device, verdict in judged:
-        action, request = _action(device, verdict, config, kernel)
+        known = decided.get(id(verdict))
+        if known is None:
+            action, request = _action(device, verdict, config, kernel)
+            wanted = ([request] if request is not None else []) + (
+                _firmware_requests(action.module, verdict, config) if action.action in ("install", "load") else [])
+            decided[id(verdict)] = (action, wanted)
+        else:
+            action = known[0]._replace(id=device.id, syspath=device.syspath, subsystem=device.subsystem,
+                                       modalias=device.modalias)
+            wanted = known[1]
         if action.action in ("install", "load"):
             why = boot_critical(device)
             if why and action.module:
@@ -101,7 +113,7 @@ def make_plan(kernel: str, judged: list[tuple[Device, Verdict]], config: Config,
             if action.module and not verdict.builtin:  # None: a repository's package; its module is known once installed
                 load[action.module] = None
             # the module's package and its firmware packages: all in the one transaction
-            for r in ([request] if request is not None else []) + _firmware_requests(action.module, verdict, config):
+            for r in wanted:
                 known = install.setdefault(r.request, r)
                 if action.module and action.module not in known.for_modules:
                     install[r.request] = known._replace(for_modules=known.for_modules + (action.module,))

@@ -31,6 +31,16 @@ def test_an_sriov_storm_gives_one_transaction_and_one_load():
                                           "kind": "modules", "for": ["iavf"]}]
 
 
+def test_devices_that_share_a_verdict_keep_their_own_ids_and_boot_reasons():
+    shared = missing()
+    devices = [vf(n) for n in range(3)]
+    plan = make_plan(KVER, [(d, shared) for d in devices], Config(),
+                     boot_critical=lambda d: "the root disk" if d is devices[1] else None)
+    assert [(a.id, a.syspath, a.modalias) for a in plan.devices] == [(d.id, d.syspath, d.modalias) for d in devices]
+    assert [a.boot_critical for a in plan.devices] == [None, "the root disk", None]
+    assert [p.for_modules for p in plan.install] == [("iavf",)]
+
+
 def test_two_packages_still_one_plan():
     extra = f"kernel-modules-extra-uname-r = {KVER}"
     judged = [(vf(0), missing()), (vf(1), missing("kmg_x", "kernel-modules-extra", extra))]
