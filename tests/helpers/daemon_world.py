@@ -235,8 +235,6 @@ class BusClient:
                                                  body=list(body))), timeout)
 
     def get_property(self, name: str):
-        from dbus_next import Variant  # noqa: F401
-
         reply = self.call("Get", "ss", ["org.kmodguard.Daemon1", name], interface="org.freedesktop.DBus.Properties")
         return reply.body[0].value
 
