@@ -147,3 +147,28 @@ def test_a_modaliases_field_makes_the_device_missing_and_fix_installs_it_when_al
            "kmg-third-modules=1.2-1" in (root / "var/log/apt/history.log").read_text()
     (after,) = kmg("explain", "--json", "--kver", KVER, THIRD).json["results"]
     assert after["verdict"] == "loadable" and after["installed_modules"] == ["kmg_third"]
+
+
+def test_apt_asks_its_firmware_packages_versions_once_a_backend(monkeypatch, tmp_path):
+    """`explain -` asks for the firmware of hundreds of modules, one at a time: apt-cache policy
+    (a load of apt's whole cache) runs once, for every package the Contents name, not once a module."""
+    from kmodguard.backends.apt import AptBackend
+
+    backend = AptBackend(root=tmp_path)
+    table = {"lib/firmware/kmg/a.bin": {"firmware-kmg"}, "usr/lib/firmware/kmg/b.bin.xz": {"firmware-other"},
+             "lib/firmware/other/c.bin": {"firmware-third"}}
+    monkeypatch.setattr(backend, "_firmware_table", lambda timeout: (table, {"main", "non-free-firmware"}, True))
+    asked = []
+
+    def policy(packages, timeout):
+        asked.append(list(packages))
+        return {p: "" if p == "firmware-other" else "1.0" for p in packages}
+
+    monkeypatch.setattr(backend, "_candidate_versions", policy)
+    a = backend.firmware_providers(["kmg/a.bin"], cache_only=True)
+    b = backend.firmware_providers(["kmg/b.bin", "kmg/none.bin"], cache_only=True)
+    none = backend.firmware_providers(["kmg/none.bin"], cache_only=True)
+    assert asked == [["firmware-kmg", "firmware-other", "firmware-third"]]
+    assert (a.providers, a.versions) == ({"kmg/a.bin": ("firmware-kmg",)}, {"firmware-kmg": "1.0"})
+    assert (b.providers, b.versions) == ({"kmg/b.bin": ("firmware-other",)}, {"firmware-other": ""})
+    assert (none.providers, none.versions) == ({}, {})
