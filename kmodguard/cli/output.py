@@ -29,7 +29,7 @@ def emit_json(doc) -> None:
     """One document on stdout: indented for a person at a terminal, compact (json's C encoder,
     several times faster on 9,000 results) for a pipe."""
     indent = 2 if sys.stdout.isatty() else None
-    _write_json(json.dumps(doc, indent=indent, ensure_ascii=True), lambda: doc, indent)
+    _write_json(json.dumps(doc, indent=indent, ensure_ascii=True).encode(), lambda: doc, indent)
 
 
 def emit_json_results(head: dict, key: str, first: str, results: list[tuple[str, dict]]) -> None:
@@ -47,38 +47,34 @@ def emit_json_results(head: dict, key: str, first: str, results: list[tuple[str,
     tails: dict[int, bytes] = {}  # id(body) -> its JSON without the opening brace
     name = ("{" + encode_basestring_ascii(first) + ": ").encode()
     text = json.dumps({**head, key: []}, ensure_ascii=True)  # ends with the empty list: '[]}'
-    parts, odd = [text[:-3].encode(), b"["], "\\udc" in text or "\x7f" in text
+    parts = [text[:-3].encode(), b"["]
     for i, (value, body) in enumerate(results):
         tail = tails.get(id(body))
         if tail is None:
-            t = (", " if body else "") + json.dumps(body, ensure_ascii=True)[1:]
-            odd = odd or "\\udc" in t or "\x7f" in t
-            tail = tails[id(body)] = t.encode()
-        v = encode_basestring_ascii(value)
-        odd = odd or "\\udc" in v or "\x7f" in v
-        parts += (b", " if i else b"", name, v.encode(), tail)
-    parts.append(b"]}\n")
+            tail = tails[id(body)] = ((", " if body else "") + json.dumps(body, ensure_ascii=True)[1:]).encode()
+        parts += (b", " if i else b"", name, encode_basestring_ascii(value).encode(), tail)
+    parts.append(b"]}")
+    _write_json(b"".join(parts), doc, None)
+
+
+def _write_json(data: bytes, doc, indent: int | None) -> None:
+    """data, the JSON of doc() (called only in the rare case below), and a newline to stdout.
+
+    ensure_ascii JSON is printable ASCII, blanks and (indented) newlines only: json escapes every
+    other character, DEL included, so _Printable has nothing to escape in it. The bytes go to the
+    binary buffer under the text stream where there is one (its scan of 9 MB of explain results
+    and the text layer's encoding are skipped); through the stream itself otherwise (a stream that
+    outlives its reader)."""
+    if b"\\udc" in data:  # a byte that was not UTF-8 may be in there (rare): rewrite those strings
+        data = json.dumps(_json_safe(doc()), indent=indent, ensure_ascii=True).encode()
     out = sys.stdout._stream if isinstance(sys.stdout, _Printable) else sys.stdout
-    raw = out.buffer if isinstance(out, io.TextIOWrapper) else None
-    if odd or raw is None:  # a byte that was not UTF-8, a DEL, or another stream: the careful way
-        _write_json(b"".join(parts)[:-1].decode("ascii"), doc, None)
-        return
-    out.flush()  # what was written as text goes first
-    raw.write(b"".join(parts))
-    raw.flush()
-
-
-def _write_json(text: str, doc, indent: int | None) -> None:
-    """text, the JSON of doc() (called only in the rare case below), and a newline to stdout."""
-    if "\\udc" in text:  # a byte that was not UTF-8 may be in there (rare): rewrite those strings
-        text = json.dumps(_json_safe(doc()), indent=indent, ensure_ascii=True)
-    out = sys.stdout
-    # ensure_ascii JSON escapes every control character but DEL, and compact JSON has no newline:
-    # without a DEL it has nothing for _Printable to escape, so its scan (50 ms on 9,000 explain
-    # results) is skipped
-    if isinstance(out, _Printable) and indent is None and "\x7f" not in text:
-        out = out._stream
-    out.write(text + "\n")
+    if isinstance(out, io.TextIOWrapper):
+        out.flush()  # what was written as text goes first
+        out.buffer.write(data)
+        out.buffer.write(b"\n")
+        out.buffer.flush()
+    else:
+        out.write(data.decode("ascii") + "\n")
 
 
 def progress(message: str) -> None:

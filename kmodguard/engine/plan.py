@@ -95,16 +95,16 @@ def make_plan(kernel: str, judged: list[tuple[Device, Verdict]], config: Config,
     # built and checked once, not once a device (id: `judged` keeps every verdict alive)
     decided: dict[int, tuple[DeviceAction, list[PackageRequest]]] = {}
     for device, verdict in judged:
-        known = decided.get(id(verdict))
-        if known is None:
+        shared = decided.get(id(verdict))
+        if shared is None:
             action, request = _action(device, verdict, config, kernel)
             wanted = ([request] if request is not None else []) + (
                 _firmware_requests(action.module, verdict, config) if action.action in ("install", "load") else [])
             decided[id(verdict)] = (action, wanted)
         else:
-            action = known[0]._replace(id=device.id, syspath=device.syspath, subsystem=device.subsystem,
-                                       modalias=device.modalias)
-            wanted = known[1]
+            action = shared[0]._replace(id=device.id, syspath=device.syspath, subsystem=device.subsystem,
+                                        modalias=device.modalias)
+            wanted = shared[1]
         if action.action in ("install", "load"):
             why = boot_critical(device)
             if why and action.module:

@@ -223,11 +223,9 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
         with _no_cyclic_gc():
             records = _read_modinfo(stage_mdir, modules, mdir, progress, source)
             # compressed and written while depmod may still run: off the critical path
-            packed = lzma.compress(json.dumps(records, separators=(",", ":"), sort_keys=True).encode(), preset=1)
+            packed = _packed(records)
             # what judging reads of the table, apart: explain need not decompress 1 MB for it
-            firmware = {name: r["firmware"] for name, r in records.items() if r["firmware"]}
-            packed_firmware = lzma.compress(json.dumps(firmware, separators=(",", ":"), sort_keys=True).encode(),
-                                            preset=1)
+            packed_firmware = _packed({name: r["firmware"] for name, r in records.items() if r["firmware"]})
         try:
             conf_files, blacklist = _own_files(out, packed, packed_firmware, source, stage_mdir)
         except Exception as exc:
@@ -260,6 +258,11 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
         "source": source.origin,
     }
     store.write_meta(out, meta)  # last: its "files" and its own digest cover everything above
+
+
+def _packed(table: dict) -> bytes:
+    """A table of the index as compact, sorted JSON, xz-compressed (preset 1: it runs beside depmod)."""
+    return lzma.compress(json.dumps(table, separators=(",", ":"), sort_keys=True).encode(), preset=1)
 
 
 @contextlib.contextmanager

@@ -24,28 +24,26 @@ except ImportError:  # a bare source tree: parse the declarations now (about 35 
 _lib = None
 
 
-_c_locale = None  # libc's handle and a C locale object, made once (None until then; False: none)
+_c_locale = None  # (uselocale, the C locale), made once
 
 
-def _in_c_locale():
-    """(libc, the C locale) for uselocale(), or False where libc cannot make one.
+def _c_locale_switch():
+    """(libc's uselocale, a C locale object) for running one libkmod call in the C locale.
 
     Python sets LC_CTYPE from the environment; in a UTF-8 locale glibc's fnmatch, which libkmod
     matches wildcard aliases with, takes its multibyte path: every lookup costs 1.75 times as
-    much (measured on Debian's 6.1 aliases). modprobe never calls setlocale, so it matches in
-    the C locale: kmodguard's lookups do the same, in their own thread only (uselocale), which
-    leaves Python's locale, and its default text encoding, as they are."""
+    much (measured on Debian's 6.1 aliases), and '?' matches a character, not a byte. modprobe
+    never calls setlocale, so it matches in the C locale: kmodguard's lookups do the same, in
+    their own thread only (uselocale), which leaves Python's locale, and its default text
+    encoding, as they are. Where libc cannot make the locale, the object is NULL, which
+    uselocale takes as "change nothing"."""
     global _c_locale
     if _c_locale is None:
         import locale
 
-        try:
-            libc = ffi.dlopen(None)
-            mask = (1 << locale.LC_CTYPE) | (1 << locale.LC_COLLATE)  # <locale.h>: LC_x_MASK is 1 << LC_x
-            loc = libc.newlocale(mask, b"C", ffi.NULL)
-            _c_locale = (libc, loc) if loc != ffi.NULL else False
-        except (OSError, AttributeError):  # pragma: no cover - a libc without POSIX.1-2008 locales
-            _c_locale = False
+        libc = ffi.dlopen(None)
+        mask = (1 << locale.LC_CTYPE) | (1 << locale.LC_COLLATE)  # <locale.h>: LC_x_MASK is 1 << LC_x
+        _c_locale = (libc.uselocale, libc.newlocale(mask, b"C", ffi.NULL))
     return _c_locale
 
 
@@ -136,6 +134,7 @@ class Context:
             raise KmodError(f"kmod_new({dirname})", errno.ENOMEM)
         lib.kmod_set_log_priority(ctx, 0)  # libkmod must not print to our stderr
         self._lib = lib
+        self._c_locale = _c_locale_switch()
         self._ctx = ffi.gc(ctx, lib.kmod_unref)
         self.dirname = _text(lib.kmod_get_dirname(ctx))
 
@@ -168,16 +167,12 @@ class Context:
     def _lookup(self, alias: str, with_paths: bool) -> dict[str, str | None]:
         lib = self._lib
         out = ffi.new("struct kmod_list **")
-        c_locale = _c_locale or _in_c_locale()
-        if c_locale:
-            libc, loc = c_locale
-            previous = libc.uselocale(loc)
-            try:
-                rc = lib.kmod_module_new_from_lookup(self._ctx, alias.encode("utf-8", "surrogateescape"), out)
-            finally:
-                libc.uselocale(previous)
-        else:
+        uselocale, c_locale = self._c_locale
+        previous = uselocale(c_locale)
+        try:
             rc = lib.kmod_module_new_from_lookup(self._ctx, alias.encode("utf-8", "surrogateescape"), out)
+        finally:
+            uselocale(previous)
         if rc == -errno.EINVAL:  # libkmod's own verdict on the string (e.g. an unbalanced '[')
             raise InvalidInput(f"libkmod refuses {alias[:60]!r} as an alias")
         _check(rc, f"looking up {alias!r} in {self.dirname}")
