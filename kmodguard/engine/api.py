@@ -81,7 +81,9 @@ class Engine:
     # --- judging ---------------------------------------------------------------------------
 
     def judge(self, devices: Iterable[Device]) -> Judged:
-        return [(d, self.diagnoser.diagnose(d)) for d in devices]
+        judged = [(d, self.diagnoser.diagnose(d)) for d in devices]
+        self.diagnoser.remember()
+        return judged
 
     def index_json(self) -> dict:
         idx = self.diagnoser.index
@@ -115,6 +117,7 @@ class Engine:
         """(modalias, its verdict's as_json) for each, and the verdicts. Modaliases with the same
         matches share one Verdict (Diagnoser._same_matches), and then one as_json dict, made once."""
         verdicts = [self.diagnoser.explain(m) for m in modaliases]  # the Diagnoser checks each (InvalidInput)
+        self.diagnoser.remember()
         bodies: dict[int, dict] = {}  # id(verdict): every verdict stays alive in `verdicts`
         for v in verdicts:
             if id(v) not in bodies:

@@ -29,6 +29,7 @@ from ..kmod import Context
 from ..paths import Paths
 from .environment import Environment
 from .firmware import FirmwareNeed, Lookup, from_announcements, resolve as resolve_firmware
+from .installed_firmware import InstalledFirmware
 
 VERDICTS = ("bound", "ignored", "loadable", "missing", "unindexed", "unknown")
 NEEDS_ACTION = frozenset({"loadable", "missing"})
@@ -169,9 +170,15 @@ class Diagnoser:
         self._repository = None
         self._need_memo: dict[tuple[str, tuple[str, ...]], FirmwareNeed | None] = {}
         self._installed_firmware_names: dict[str, tuple[str, ...]] = {}  # module path -> firmware it names
+        # the same, remembered from earlier runs (remember() writes what this one read)
+        self.installed_firmware = InstalledFirmware(paths.state_dir, mdir)
         self._builtin_firmware: dict[str, tuple[str, ...]] | None = None  # built-in module -> its firmware
         self._fw_present: frozenset[str] | None = None
         self._loaded: frozenset[str] | None = None
+
+    def remember(self) -> None:
+        """Keep what this Diagnoser read from module files for the next run (root only)."""
+        self.installed_firmware.save()
 
     def new_round(self) -> None:
         """Forget memoised verdicts and firmware: a module may have loaded, firmware may have
@@ -386,13 +393,16 @@ class Diagnoser:
             return self._firmware_need(module, self._builtin_firmware.get(module, ()), modalias)
         firmware = self._installed_firmware_names.get(path)
         if firmware is None:
-            # the ELF section first: libkmod also verifies the signature (most of a lookup's time)
-            firmware = modinfo.firmware(path)
+            firmware, identity = self.installed_firmware.get(path)
             if firmware is None:
-                try:
-                    firmware = self.installed.module_info(path).firmware
-                except (KmodError, OSError):
-                    firmware = ()
+                # the ELF section first: libkmod also verifies the signature (most of a lookup's time)
+                firmware = modinfo.firmware(path)
+                if firmware is None:
+                    try:
+                        firmware = self.installed.module_info(path).firmware
+                    except (KmodError, OSError):
+                        firmware = ()
+                self.installed_firmware.put(path, identity, firmware)
             self._installed_firmware_names[path] = firmware
         return self._firmware_need(module, firmware, modalias)
 
