@@ -267,9 +267,9 @@ class PackageIndex:
         ctx.load_resources()
         return ctx
 
-    def lookup(self, modalias: str) -> tuple[str, ...]:
+    def lookup(self, modalias: str) -> list[str]:
         found = self.context.lookup(modalias)
-        return found if self.only_modules is None else tuple(m for m in found if m in self.only_modules)
+        return found if self.only_modules is None else [m for m in found if m in self.only_modules]
 
     def firmware_of(self, module: str) -> tuple[str, ...]:
         """The firmware files the package's module names (from firmware.json.xz; from the module
@@ -365,7 +365,7 @@ class KernelIndex:
     def lookup(self, modalias: str) -> tuple[tuple[PackageIndex, tuple[str, ...]], ...]:
         """(package, its matching modules) for each package that has any; hashable, as judging
         keys its verdicts by what matched."""
-        return tuple((pkg, modules) for pkg in self.packages if (modules := pkg.lookup(modalias)))
+        return tuple((pkg, tuple(modules)) for pkg in self.packages if (modules := pkg.lookup(modalias)))
 
 
 def kernels(root: Path) -> list[str]:

@@ -156,9 +156,9 @@ class Context:
         """True when the indexes changed on disk since loading: make a new Context then."""
         return self._lib.kmod_validate_resources(self._ctx) != 0
 
-    def lookup(self, alias: str) -> tuple[str, ...]:
+    def lookup(self, alias: str) -> list[str]:
         """Module names (as kmod normalises them) that match an alias, in kmod's order, no duplicates."""
-        return tuple(self._lookup(alias, with_paths=False))
+        return list(self._lookup(alias, with_paths=False))
 
     def lookup_paths(self, alias: str) -> list[tuple[str, str | None]]:
         """(name, path) for each module matching alias; path is None for a built-in module."""

@@ -102,4 +102,4 @@ def test_validate_resources_sees_a_rebuilt_index(tmp_path):
     build_module(Module("kmg_b", aliases=("pci:v0000BBBBd*",)), tmp_path / "lib/modules/6.0.0-k2", tmp_path / "src")
     depmod(tmp_path, "6.0.0-k2")
     assert ctx.resources_changed()
-    assert Context(tmp_path / "lib/modules/6.0.0-k2", []).lookup("pci:v0000BBBBd00000001") == ("kmg_b",)
+    assert Context(tmp_path / "lib/modules/6.0.0-k2", []).lookup("pci:v0000BBBBd00000001") == ["kmg_b"]
