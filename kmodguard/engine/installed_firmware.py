@@ -11,12 +11,10 @@ root, best effort and not durable, like the repositories' cache; a bad or foreig
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from ..errors import KmodguardError
-from ..fsutil import read_capped, write_atomic
+from .state import read_cache, write_cache
 
 CACHE_FILE = "installed-firmware.json"
 CACHE_CAP = 8 << 20  # a distribution's whole tree (6,000 modules) is about 0.6 MiB
@@ -47,11 +45,8 @@ class InstalledFirmware:
         self._learned = False
 
     def _load(self) -> dict[str, list]:
-        try:
-            doc = json.loads(read_capped(self._file, CACHE_CAP, follow=False))
-        except (KmodguardError, OSError, ValueError, RecursionError):
-            return {}
-        if not isinstance(doc, dict) or doc.get("module_dir") != self._module_dir:
+        doc = read_cache(self._file, CACHE_CAP)
+        if doc is None or doc.get("module_dir") != self._module_dir:
             return {}
         entries = doc.get("modules")
         return entries if isinstance(entries, dict) else {}
@@ -74,12 +69,8 @@ class InstalledFirmware:
 
     def save(self) -> None:
         """Write what this run learned, when it may (a user's status cannot write STATE_DIR)."""
-        if not self._learned or not os.access(self._file.parent, os.W_OK):
+        if not self._learned:
             return
         known = {p: e for p, e in self._entries.items() if _entry_ok(e)}
-        doc = {"module_dir": self._module_dir, "modules": known}
-        try:
-            write_atomic(self._file, json.dumps(doc, separators=(",", ":")).encode(), durable=False)
-        except OSError:
-            return
-        self._learned = False
+        if write_cache(self._file, {"module_dir": self._module_dir, "modules": known}):
+            self._learned = False

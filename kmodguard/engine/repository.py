@@ -10,15 +10,12 @@ pattern is one printable word, and the package is installed only when the allow-
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import tempfile
 import weakref
 from pathlib import Path
 
 from .. import requests
-from ..fsutil import read_capped, write_atomic
 from ..index import store
 from ..kmod import Context
 
@@ -71,13 +68,10 @@ def _valid(item) -> bool:
 def load_cached(state_dir: Path, key: str) -> tuple | None:
     """The announcements cached for this metadata revision, or None (absent, stale, or refused)."""
     from ..backends import Announcement
-    from ..errors import KmodguardError
+    from .state import read_cache
 
-    try:
-        doc = json.loads(read_capped(Path(state_dir) / CACHE_FILE, CACHE_CAP, follow=False))
-    except (KmodguardError, OSError, ValueError, RecursionError):  # a bad cache is only a cache miss
-        return None
-    if not isinstance(doc, dict) or doc.get("key") != key or not isinstance(doc.get("items"), list):
+    doc = read_cache(Path(state_dir) / CACHE_FILE, CACHE_CAP)
+    if doc is None or doc.get("key") != key or not isinstance(doc.get("items"), list):
         return None
     if not all(_valid(i) for i in doc["items"]):
         return None
@@ -85,11 +79,6 @@ def load_cached(state_dir: Path, key: str) -> tuple | None:
 
 
 def save_cached(state_dir: Path, key: str, items: tuple) -> None:
-    """Best effort: status run by a user cannot write STATE_DIR, and need not."""
-    if not os.access(state_dir, os.W_OK):
-        return
-    try:
-        write_atomic(Path(state_dir) / CACHE_FILE, json.dumps({"key": key, "items": [list(a) for a in items]}).encode(),
-                     durable=False)
-    except OSError:
-        pass
+    from .state import write_cache
+
+    write_cache(Path(state_dir) / CACHE_FILE, {"key": key, "items": [list(a) for a in items]})

@@ -13,6 +13,11 @@ files only remember what a person or the daemon asked for and how it ended:
   STATE_DIR/last-fix.json     the report of the last fix that ran to its end (written under the lock)
   RUNTIME_DIR/state.json      the daemon's world-readable snapshot (attached to `status` as "daemon")
 
+and two caches, which only save work (read_cache/write_cache; a bad one is a miss):
+
+  STATE_DIR/repository-drivers.json  the repositories' driver announcements (engine/repository.py)
+  STATE_DIR/installed-firmware.json  the installed modules' firmware lists (engine/installed_firmware.py)
+
 So a daemon's request is always in exactly one of these states: pending (fix-request.json), being
 run (taken, and the lock is held), done (taken, lock free, last-fix.json carries its id: a daemon
 reports it once, then removes the taken file), or interrupted (taken, lock free, no record of it:
@@ -28,8 +33,8 @@ import stat
 import time
 from pathlib import Path
 
-from ..errors import Busy, InvalidInput
-from ..fsutil import make_dir, write_atomic
+from ..errors import Busy, InvalidInput, KmodguardError
+from ..fsutil import make_dir, read_capped, write_atomic
 
 
 BACKOFF_FIRST = 300.0  # seconds after the first failure
@@ -149,6 +154,29 @@ def lock_held(state_dir: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def read_cache(path: Path, cap: int) -> dict | None:
+    """A cache in STATE_DIR as a JSON object, or None: absent, over cap, not a regular file (a link
+    is not followed), not a JSON object. A bad cache is only a miss."""
+    try:
+        doc = json.loads(read_capped(path, cap, follow=False))
+    except (KmodguardError, OSError, ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def write_cache(path: Path, doc: dict) -> bool:
+    """Best effort and not durable (a cache): False when it could not be written; a user's status
+    cannot write STATE_DIR, and need not."""
+    path = Path(path)
+    if not os.access(path.parent, os.W_OK):
+        return False
+    try:
+        write_atomic(path, json.dumps(doc, separators=(",", ":")).encode(), durable=False)
+    except OSError:
+        return False
+    return True
 
 
 def _read_json(path: Path) -> dict | None:
