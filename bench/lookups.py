@@ -108,7 +108,7 @@ def run(world, n: int = 9000, repeats: int = 3, profile: bool = False) -> dict:
         return time.perf_counter() - t, t_setup, answers
 
     # as on an installed system after one root run: STATE_DIR holds the installed modules'
-    # firmware lists (engine/installed_firmware.py), which explain and status then only stat
+    # firmware lists (engine/remembered.py), which explain and status then only stat
     warm = Diagnoser(paths, policy, environment)
     for m in mods:
         warm.explain(m)

@@ -147,10 +147,17 @@ def open_regular(path, *, follow: bool = False, cap: int | None = None, error_cl
 def read_capped(path, cap: int, *, follow: bool = False, error_class=None, hint: str | None = None) -> bytes:
     """The whole of a regular file of at most cap bytes (see open_regular); at most cap+1 bytes
     are ever read, so a file that grows while it is read is refused, not swallowed."""
+    return read_capped_stat(path, cap, follow=follow, error_class=error_class, hint=hint)[0]
+
+
+def read_capped_stat(path, cap: int, *, follow: bool = False, error_class=None,
+                     hint: str | None = None) -> tuple[bytes, os.stat_result]:
+    """read_capped, and the fstat of the file it read (its identity, for a cache of facts)."""
     from .errors import KmodguardError
 
     fd = open_regular(path, follow=follow, cap=cap, error_class=error_class, hint=hint)
     try:
+        st = os.fstat(fd)
         chunks, total = [], 0
         while total <= cap:
             try:
@@ -166,11 +173,13 @@ def read_capped(path, cap: int, *, follow: bool = False, error_class=None, hint:
         os.close(fd)
     if total > cap:
         raise (error_class or KmodguardError)(f"{path}: is more than the {cap} bytes allowed", hint=hint)
-    return b"".join(chunks)
+    return b"".join(chunks), st
 
 
-def sha256_capped(path, cap: int, *, follow: bool = False, error_class=None, hint: str | None = None) -> str:
-    """sha256 of a regular file of at most cap bytes, read in pieces (see open_regular)."""
+def sha256_capped(path, cap: int, *, follow: bool = False, error_class=None,
+                  hint: str | None = None) -> tuple[str, os.stat_result]:
+    """sha256 of a regular file of at most cap bytes, read in pieces (see open_regular), and the
+    fstat of the file it read."""
     import hashlib
 
     from .errors import KmodguardError
@@ -178,6 +187,7 @@ def sha256_capped(path, cap: int, *, follow: bool = False, error_class=None, hin
     fd = open_regular(path, follow=follow, cap=cap, error_class=error_class, hint=hint)
     h, total = hashlib.sha256(), 0
     try:
+        st = os.fstat(fd)
         while True:
             chunk = os.read(fd, MiB)
             if not chunk:
@@ -190,7 +200,7 @@ def sha256_capped(path, cap: int, *, follow: bool = False, error_class=None, hin
         raise (error_class or KmodguardError)(f"{path}: cannot read it: {exc.strerror or exc}", hint=hint) from None
     finally:
         os.close(fd)
-    return h.hexdigest()
+    return h.hexdigest(), st
 
 
 def regular_file(path, *, follow: bool = False, cap: int | None = None, error_class=None,

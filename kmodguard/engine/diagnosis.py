@@ -29,7 +29,7 @@ from ..kmod import Context
 from ..paths import Paths
 from .environment import Environment
 from .firmware import FirmwareNeed, Lookup, from_announcements, resolve as resolve_firmware
-from .installed_firmware import InstalledFirmware
+from .remembered import installed_firmware, verified_index
 
 VERDICTS = ("bound", "ignored", "loadable", "missing", "unindexed", "unknown")
 NEEDS_ACTION = frozenset({"loadable", "missing"})
@@ -156,7 +156,8 @@ class Diagnoser:
                                       f"(no {paths.proc}/modules) and has no module tree at {mdir}")
         else:
             self.installed_problem = f"there is no module tree at {mdir} (no modules.dep): is this kernel's package installed?"
-        self.index = KernelIndex(paths.index_root, paths.kver)
+        self.verified_index = verified_index(paths.state_dir, paths.index_root / paths.kver)
+        self.index = KernelIndex(paths.index_root, paths.kver, self.verified_index)
         self.system_blacklist = (self.installed.blacklist() if self.installed else frozenset()) | _cmdline_blacklist(paths)
         self.ignored_modules = frozenset(m.replace("-", "_") for m in config.ignore.modules)
         self._memo: dict[str, Verdict] = {}
@@ -171,14 +172,15 @@ class Diagnoser:
         self._need_memo: dict[tuple[str, tuple[str, ...]], FirmwareNeed | None] = {}
         self._installed_firmware_names: dict[str, tuple[str, ...]] = {}  # module path -> firmware it names
         # the same, remembered from earlier runs (remember() writes what this one read)
-        self.installed_firmware = InstalledFirmware(paths.state_dir, mdir)
+        self.installed_firmware = installed_firmware(paths.state_dir, mdir)
         self._builtin_firmware: dict[str, tuple[str, ...]] | None = None  # built-in module -> its firmware
         self._fw_present: frozenset[str] | None = None
         self._loaded: frozenset[str] | None = None
 
     def remember(self) -> None:
-        """Keep what this Diagnoser read from module files for the next run (root only)."""
+        """Keep what this Diagnoser read from module and index files for the next run (root only)."""
         self.installed_firmware.save()
+        self.verified_index.save()
 
     def new_round(self) -> None:
         """Forget memoised verdicts and firmware: a module may have loaded, firmware may have
@@ -394,7 +396,9 @@ class Diagnoser:
         firmware = self._installed_firmware_names.get(path)
         if firmware is None:
             firmware, identity = self.installed_firmware.get(path)
-            if firmware is None:
+            if firmware is not None:
+                firmware = tuple(firmware)
+            else:
                 # the ELF section first: libkmod also verifies the signature (most of a lookup's time)
                 firmware = modinfo.firmware(path)
                 if firmware is None:
@@ -402,7 +406,7 @@ class Diagnoser:
                         firmware = self.installed.module_info(path).firmware
                     except (KmodError, OSError):
                         firmware = ()
-                self.installed_firmware.put(path, identity, firmware)
+                self.installed_firmware.put(path, identity, list(firmware))
             self._installed_firmware_names[path] = firmware
         return self._firmware_need(module, firmware, modalias)
 

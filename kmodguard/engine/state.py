@@ -13,10 +13,11 @@ files only remember what a person or the daemon asked for and how it ended:
   STATE_DIR/last-fix.json     the report of the last fix that ran to its end (written under the lock)
   RUNTIME_DIR/state.json      the daemon's world-readable snapshot (attached to `status` as "daemon")
 
-and two caches, which only save work (read_cache/write_cache; a bad one is a miss):
+and three caches, which only save work (read_cache/write_cache; a bad one is a miss):
 
   STATE_DIR/repository-drivers.json  the repositories' driver announcements (engine/repository.py)
-  STATE_DIR/installed-firmware.json  the installed modules' firmware lists (engine/installed_firmware.py)
+  STATE_DIR/installed-firmware.json  the installed modules' firmware lists (engine/remembered.py)
+  STATE_DIR/verified-index.json      the checksums the index's files had when checked (engine/remembered.py)
 
 So a daemon's request is always in exactly one of these states: pending (fix-request.json), being
 run (taken, and the lock is held), done (taken, lock free, last-fix.json carries its id: a daemon

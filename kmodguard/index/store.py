@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from .. import requests
 from ..errors import IndexCorrupt, InvalidInput, KmodguardError
-from ..fsutil import MiB, fsync_dir, make_dir, read_capped, sha256_capped
+from ..fsutil import MiB, fsync_dir, make_dir, read_capped, read_capped_stat, sha256_capped
 
 FORMAT = "kmodguard-index"
 VERSION = 2  # 2: index.json carries its own digest, and "files" covers modprobe.d/*
@@ -55,6 +55,10 @@ REBUILD = "rebuild it with 'kmodguard index build' (or 'kmodguard index fetch')"
 def _sha256(path: Path, cap: int = KMOD_FILE_CAP) -> str:
     """A file of the index: a regular file, never a link (an index holds no links but its own
     name), at most cap bytes."""
+    return _sha256_stat(path, cap)[0]
+
+
+def _sha256_stat(path: Path, cap: int) -> tuple[str, os.stat_result]:
     return sha256_capped(path, cap, follow=False, error_class=IndexCorrupt, hint=REBUILD)
 
 
@@ -163,11 +167,15 @@ class ModuleRecord(NamedTuple):
 
 
 class PackageIndex:
-    """One indexed package for one kernel, opened read-only and verified."""
+    """One indexed package for one kernel, opened read-only and verified.
 
-    def __init__(self, path: Path, kver: str):
+    verified: what earlier runs found each file's sha256 to be, while the file stays the same
+    (engine/file_facts.FileFacts: known/identity/put); None checks every file's bytes."""
+
+    def __init__(self, path: Path, kver: str, verified=None):
         self.link = path
         self.kver = kver
+        self._verified = verified
         try:
             self._open(Path(path), kver)
         except IndexCorrupt:
@@ -181,8 +189,8 @@ class PackageIndex:
         self.path = _generation(path)
         meta_path = self.path / META_FILE
         try:
-            raw = read_capped(meta_path, META_CAP, follow=False, error_class=IndexCorrupt,
-                              hint=f"{REBUILD}, or remove {path}")
+            raw, meta_stat = read_capped_stat(meta_path, META_CAP, follow=False, error_class=IndexCorrupt,
+                                              hint=f"{REBUILD}, or remove {path}")
         except IndexCorrupt as exc:
             if not os.path.lexists(meta_path):
                 raise IndexCorrupt(f"index {path} is incomplete: {META_FILE} is missing",
@@ -200,9 +208,11 @@ class PackageIndex:
             raise IndexCorrupt(f"index {path} has format version {str(meta.get('version'))[:20]}; this kmodguard reads "
                                f"{VERSION}", hint=f"{REBUILD}: indexes of format 1 have no checksum of their own "
                                "and must be built again")
-        if meta.get(DIGEST_KEY) != meta_digest(meta):
-            raise IndexCorrupt(f"index {path} is corrupt: {META_FILE} does not match its own digest "
-                               "(edited or damaged)", hint=REBUILD)
+        if not self._known(meta_path, meta_stat, meta.get(DIGEST_KEY)):
+            if meta.get(DIGEST_KEY) != meta_digest(meta):
+                raise IndexCorrupt(f"index {path} is corrupt: {META_FILE} does not match its own digest "
+                                   "(edited or damaged)", hint=REBUILD)
+            self._learn(meta_path, meta_stat, meta[DIGEST_KEY])
         try:
             pkg = meta["package"]
             self.name = valid_name("package name", _typed(pkg["name"], str))
@@ -248,14 +258,27 @@ class PackageIndex:
                                    "(added after the index was built)", hint=REBUILD)
         for fname, digest in self.checksums.items():
             cap = MODPROBE_CAP if fname.startswith(f"{MODPROBE_DIR}/") else KMOD_FILE_CAP
+            fpath = self.path / fname
+            if self._known(fpath, None, digest):
+                continue
             try:
-                actual = _sha256(self.path / fname, cap)
+                actual, st = _sha256_stat(fpath, cap)
             except IndexCorrupt as exc:
                 raise IndexCorrupt(f"index {path} is unusable: {exc.message}", hint=REBUILD) from None
             if actual != digest:
                 raise IndexCorrupt(f"index {path} is corrupt: {fname} does not match its checksum",
                                    hint=REBUILD)
+            self._learn(fpath, st, digest)
         self.meta = meta
+
+    def _known(self, path: Path, st: os.stat_result | None, digest) -> bool:
+        """An earlier run checked this very file (the same identity; a regular file, not a link)
+        and found this digest. st: the fstat of the file as read; None: lstat it now."""
+        return self._verified is not None and isinstance(digest, str) and self._verified.known(path, st) == digest
+
+    def _learn(self, path: Path, st: os.stat_result, digest: str) -> None:
+        if self._verified is not None:
+            self._verified.put(path, st, digest)
 
     @cached_property
     def context(self):
@@ -336,7 +359,8 @@ class PackageIndex:
 class KernelIndex:
     """All packages indexed for one kernel version. Broken package indexes are kept aside, not fatal."""
 
-    def __init__(self, root: Path, kver: str):
+    def __init__(self, root: Path, kver: str, verified=None):
+        """verified: see PackageIndex (a Diagnoser passes the cache in STATE_DIR)."""
         self.root = Path(root)
         self.kver = kver
         self.dir = self.root / kver
@@ -354,7 +378,7 @@ class KernelIndex:
             if entry.name.startswith("."):
                 continue  # generations and unfinished builds
             try:
-                self.packages.append(PackageIndex(entry, kver))
+                self.packages.append(PackageIndex(entry, kver, verified))
             except IndexCorrupt as exc:
                 self.errors[entry.name] = exc
 

@@ -1,4 +1,4 @@
-"""The installed modules' firmware lists remembered in STATE_DIR (engine/installed_firmware.py):
+"""The installed modules' firmware lists remembered in STATE_DIR (engine/remembered.py):
 a later run judges from them without reading the module files, a module file changed in any way
 is read again, and a bad, planted or foreign cache file is only a miss, never a wrong verdict."""
 
@@ -13,7 +13,7 @@ import synthetic
 from kmodguard.config import Config
 from kmodguard.engine.diagnosis import Diagnoser
 from kmodguard.engine.environment import detect
-from kmodguard.engine.installed_firmware import CACHE_FILE
+from kmodguard.engine.remembered import CACHE_FILE
 from kmodguard.index import modinfo
 from kmodguard.paths import Paths
 
@@ -56,8 +56,8 @@ def test_a_later_run_judges_from_the_remembered_list_without_reading_the_module(
     first = judged(paths)
     assert first.verdict == "loadable" and first.firmware.named == 1
     doc = json.loads((paths.state_dir / CACHE_FILE).read_text())
-    assert doc["module_dir"] == str(paths.installed_modules)
-    assert [e[5] for p, e in doc["modules"].items() if os.path.samefile(p, ko)] == [["kmg/one.bin"]]
+    assert doc["scope"] == str(paths.installed_modules)
+    assert [e[5] for p, e in doc["files"].items() if os.path.samefile(p, ko)] == [["kmg/one.bin"]]
 
     def unread(path):
         raise AssertionError(f"{path} was read again")
@@ -84,25 +84,25 @@ def test_a_bad_or_planted_cache_is_only_a_miss(machine, planted, tmp_path):
     paths, ko, top = machine
     cache = paths.state_dir / CACHE_FILE
     truth = judged(paths, remember=False)
-    real = {"module_dir": str(paths.installed_modules), "modules": {}}
+    real = {"scope": str(paths.installed_modules), "files": {}}
     stat = os.stat(ko)
     identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
     path = Diagnoser(paths, Config(), detect(paths)).installed.lookup_paths(MODALIAS)[0][1]
     if planted == "garbage":
         cache.write_bytes(b"\x00{not json")
     elif planted == "symlink":  # a link is never followed, whatever it points to
-        (top / "elsewhere.json").write_text(json.dumps({**real, "modules": {path: [*identity, []]}}))
+        (top / "elsewhere.json").write_text(json.dumps({**real, "files": {path: [*identity, []]}}))
         cache.symlink_to(top / "elsewhere.json")
     elif planted == "fifo":  # no writer: a read would hang
         os.mkfifo(cache)
     elif planted == "directory":
         cache.mkdir()
     elif planted == "ill-typed":
-        cache.write_text(json.dumps({**real, "modules": {path: [*identity[:4], "x", [1]]}}))
+        cache.write_text(json.dumps({**real, "files": {path: [*identity[:4], "x", [1]]}}))
     elif planted == "other tree":
-        cache.write_text(json.dumps({"module_dir": "/lib/modules/0.0", "modules": {path: [*identity, []]}}))
+        cache.write_text(json.dumps({"scope": "/lib/modules/0.0", "files": {path: [*identity, []]}}))
     else:  # an entry for another file (its identity), saying the module names nothing
-        cache.write_text(json.dumps({**real, "modules": {path: [identity[0], identity[1] + 1, *identity[2:], []]}}))
+        cache.write_text(json.dumps({**real, "files": {path: [identity[0], identity[1] + 1, *identity[2:], []]}}))
     assert judged(paths) == truth and truth.firmware.named == 1
 
 
