@@ -158,6 +158,7 @@ class Diagnoser:
             self.installed_problem = f"there is no module tree at {mdir} (no modules.dep): is this kernel's package installed?"
         self.verified_index = verified_index(paths.state_dir, paths.index_root / paths.kver)
         self.index = KernelIndex(paths.index_root, paths.kver, self.verified_index)
+        self._index_answers = self.index.exists and not self.no_module_support
         self.system_blacklist = (self.installed.blacklist() if self.installed else frozenset()) | _cmdline_blacklist(paths)
         self.ignored_modules = frozenset(m.replace("-", "_") for m in config.ignore.modules)
         self._memo: dict[str, Verdict] = {}
@@ -249,9 +250,14 @@ class Diagnoser:
 
     def _explain(self, modalias: str) -> Verdict:
         check_modalias(modalias)
-        installed = self.installed.lookup_paths(modalias) if self.installed else []
-        if installed:
-            return self._same_matches(tuple(installed), self._installed_match, modalias, installed)
+        if self.installed is not None:
+            installed = self.installed.lookup_paths(modalias)
+            if installed:
+                return self._same_matches(tuple(installed), self._installed_match, modalias, installed)
+        if self._index_answers:  # the common case first: `explain -` judges thousands
+            found = self.index.lookup(modalias)
+            if found:
+                return self._same_matches(found, self._candidates_verdict, modalias, found)
         if self.no_module_support:
             return Verdict("unknown", f"no built-in driver claimed it, and {self.installed_problem}: no package can add one")
         if not self.index.exists:
@@ -260,18 +266,16 @@ class Diagnoser:
             return self._or_repository(modalias, Verdict("unindexed", prefix + (
                 f"the index for {self.paths.kver} is unusable ({why}): rebuild it with 'kmodguard index build'"
                 if why else f"there is no index for kernel {self.paths.kver}: build one with 'kmodguard index build'")))
-        found = self.index.lookup(modalias)
-        if not found and self.index.errors:
+        # the index answers and nothing in it matched
+        if self.index.errors:
             broken = "; ".join(e.message for e in self.index.errors.values())
             return self._or_repository(modalias, Verdict(
                 "unindexed", f"no installed or indexed module matches, but part of the index is unusable "
                              f"({broken}): rebuild it with 'kmodguard index build'"))
-        if not found:
-            names = ", ".join(p.name for p in self.index.packages)
-            return self._or_repository(modalias, Verdict(
-                "unknown", f"no module in the installed tree or in the indexed packages ({names}) matches: "
-                           f"this kernel has no driver for it"))
-        return self._same_matches(found, self._candidates_verdict, modalias, found)
+        names = ", ".join(p.name for p in self.index.packages)
+        return self._or_repository(modalias, Verdict(
+            "unknown", f"no module in the installed tree or in the indexed packages ({names}) matches: "
+                       f"this kernel has no driver for it"))
 
     def _same_matches(self, matches: tuple, judge, modalias: str, *args) -> Verdict:
         """judge(modalias, *args), once for each set of matches: the verdict depends on the

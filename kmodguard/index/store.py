@@ -290,9 +290,9 @@ class PackageIndex:
         ctx.load_resources()
         return ctx
 
-    def lookup(self, modalias: str) -> list[str]:
-        found = self.context.lookup(modalias)
-        return found if self.only_modules is None else [m for m in found if m in self.only_modules]
+    def lookup(self, modalias: str) -> tuple[str, ...]:
+        found = self.context.lookup_tuple(modalias)
+        return found if self.only_modules is None else tuple(m for m in found if m in self.only_modules)
 
     def firmware_of(self, module: str) -> tuple[str, ...]:
         """The firmware files the package's module names (from firmware.json.xz; from the module
@@ -389,7 +389,12 @@ class KernelIndex:
     def lookup(self, modalias: str) -> tuple[tuple[PackageIndex, tuple[str, ...]], ...]:
         """(package, its matching modules) for each package that has any; hashable, as judging
         keys its verdicts by what matched."""
-        return tuple((pkg, tuple(modules)) for pkg in self.packages if (modules := pkg.lookup(modalias)))
+        found = []
+        for pkg in self.packages:
+            modules = pkg.lookup(modalias)
+            if modules:
+                found.append((pkg, modules))
+        return tuple(found)
 
 
 def kernels(root: Path) -> list[str]:

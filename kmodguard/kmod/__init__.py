@@ -158,11 +158,15 @@ class Context:
 
     def lookup(self, alias: str) -> list[str]:
         """Module names (as kmod normalises them) that match an alias, in kmod's order, no duplicates."""
-        return list(self._lookup(alias, with_paths=False))
+        return list(self._lookup(alias, False))
+
+    def lookup_tuple(self, alias: str) -> tuple[str, ...]:
+        """lookup, as a tuple (hashable: judging keys its verdicts by what matched)."""
+        return tuple(self._lookup(alias, False))
 
     def lookup_paths(self, alias: str) -> list[tuple[str, str | None]]:
         """(name, path) for each module matching alias; path is None for a built-in module."""
-        return list(self._lookup(alias, with_paths=True).items())
+        return list(self._lookup(alias, True).items())
 
     def _lookup(self, alias: str, with_paths: bool) -> dict[str, str | None]:
         lib = self._lib
