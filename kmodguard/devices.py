@@ -250,14 +250,14 @@ def enumerate_devices(context: pyudev.Context | None = None) -> list[Device]:
     return sorted(found, key=lambda d: d.syspath)
 
 
-_PCI_ADDRESS = re.compile(r"[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+_PCI_ADDRESS = r"[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"  # compiled at first use: status needs none
 
 
 def check_ref(ref: str) -> str:
     """A device reference from a user or a D-Bus caller: a PCI address (0000:00:05.0) or a syspath
     under /sys/devices (with or without /sys); nothing that walks out of sysfs."""
     ok = isinstance(ref, str) and 0 < len(ref) <= 4096 and ref.isprintable()
-    if ok and not _PCI_ADDRESS.fullmatch(ref):
+    if ok and not re.fullmatch(_PCI_ADDRESS, ref):
         parts = ref.split("/")
         ok = ref.startswith(("/sys/devices/", "/devices/", "/sys/bus/")) and ".." not in parts
     if not ok:

@@ -34,9 +34,9 @@ from .. import requests as req
 # what apt-get update prints for a Release file whose signature it refused
 # (with lists from before, apt keeps them and only warns: "W: An error occurred during the signature
 # verification. The repository is not updated and the previous index files will be used. GPG error: ...")
-_SIGNATURE_REFUSED = re.compile(r"(?:GPG error: (\S+ \S+)|^E: The repository '([^']*)' is not signed\.)",
-                                re.MULTILINE)
-_FETCH_FAILED = re.compile(r"^(?:E|W): Failed to fetch (\S+)", re.MULTILINE)
+# (patterns, compiled at their first use by re's cache: status imports this module, never uses them)
+_SIGNATURE_REFUSED = r"(?m)(?:GPG error: (\S+ \S+)|^E: The repository '([^']*)' is not signed\.)"
+_FETCH_FAILED = r"(?m)^(?:E|W): Failed to fetch (\S+)"
 
 UNAVAILABLE_HINT = ("kmodguard refreshed the package lists ('apt-get update') and no repository has it: the "
                     "package for the running kernel has left the mirror (this happens after newer kernels are "
@@ -146,7 +146,7 @@ class AptBackend:
         self._versions = {}
         res = self._apt(["apt-get", "-q", "update"], timeout or self.timeout, "apt-get update")
         output = res.stdout + res.stderr
-        refused = sorted({a or b for a, b in _SIGNATURE_REFUSED.findall(output)})
+        refused = sorted({a or b for a, b in re.findall(_SIGNATURE_REFUSED, output)})
         if refused:
             raise SignatureRefused(f"apt refused the signature of {', '.join(refused)}, so kmodguard cannot tell "
                                    f"which packages it holds",
@@ -155,7 +155,7 @@ class AptBackend:
                                         "run kmodguard again; kmodguard never turns signature checks off")
         if "Could not get lock" in output:
             raise Busy("apt's lists lock stayed held", hint="another package manager is running; try again later")
-        failed = sorted(set(_FETCH_FAILED.findall(output)))
+        failed = sorted(set(re.findall(_FETCH_FAILED, output)))
         if res.returncode != 0 or failed:
             raise KmodguardError(f"apt-get update could not refresh the package lists"
                                  f"{' (' + ', '.join(failed) + ')' if failed else ''}: {_error_line(res)}",
@@ -400,7 +400,7 @@ class AptBackend:
 
 
 LIST_FIELDS = (b"Package: ", b"Version: ", b"Modaliases: ")  # what announcements need of a package list
-_MODALIASES_ITEM = re.compile(r"([A-Za-z0-9_-]+)\(([^()]*)\)")
+_MODALIASES_ITEM = r"([A-Za-z0-9_-]+)\(([^()]*)\)"
 
 
 def modaliases_field(value: str) -> list[str]:
@@ -409,7 +409,7 @@ def modaliases_field(value: str) -> list[str]:
     from .dnf import MODALIAS_PATTERN
 
     out = []
-    for _module, inner in _MODALIASES_ITEM.findall(value[:65536]):
+    for _module, inner in re.findall(_MODALIASES_ITEM, value[:65536]):
         for pattern in (p.strip() for p in inner.split(", ")):
             if MODALIAS_PATTERN.fullmatch(pattern) and "#" not in pattern:
                 out.append(pattern)
