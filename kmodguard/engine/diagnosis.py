@@ -253,7 +253,7 @@ class Diagnoser:
         if self.installed is not None:
             installed = self.installed.lookup_paths(modalias)
             if installed:
-                return self._same_matches(tuple(installed), self._installed_match, modalias, installed)
+                return self._same_matches(installed, self._installed_match, modalias, installed)
         if self._index_answers:  # the common case first: `explain -` judges thousands
             found = self.index.lookup(modalias)
             if found:
@@ -292,7 +292,7 @@ class Diagnoser:
                 self._by_matches[matches] = verdict
         return verdict
 
-    def _installed_match(self, modalias: str, installed: list[tuple[str, str | None]]) -> Verdict:
+    def _installed_match(self, modalias: str, installed: tuple[tuple[str, str | None], ...]) -> Verdict:
         names = [n for n, _ in installed]
         blocked = self._blocked(names, package=None)
         if len(blocked) < len(names):
@@ -358,7 +358,7 @@ class Diagnoser:
         return Verdict("ignored", f"every matching module is blacklisted: {listed}{unsure}",
                        installed_modules=names, blacklisted=sorted(blocked))
 
-    def _installed_verdict(self, modalias: str, installed: list[tuple[str, str | None]],
+    def _installed_verdict(self, modalias: str, installed: tuple[tuple[str, str | None], ...],
                            blocked: dict[str, str]) -> Verdict:
         names = [n for n, _ in installed]
         usable = [(n, p) for n, p in installed if n not in blocked]

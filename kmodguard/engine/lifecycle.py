@@ -37,7 +37,7 @@ def dependents(engine: Engine, devices: list[Device]) -> list[Dependent]:
         if now.verdict not in ("bound", "loadable") or installed is None:
             continue
         try:
-            modules = tuple(installed.lookup_paths(device.modalias))
+            modules = installed.lookup_paths(device.modalias)
         except InvalidInput:
             continue
         if modules:

@@ -164,9 +164,10 @@ class Context:
         """lookup, as a tuple (hashable: judging keys its verdicts by what matched)."""
         return tuple(self._lookup(alias, False))
 
-    def lookup_paths(self, alias: str) -> list[tuple[str, str | None]]:
-        """(name, path) for each module matching alias; path is None for a built-in module."""
-        return list(self._lookup(alias, True).items())
+    def lookup_paths(self, alias: str) -> tuple[tuple[str, str | None], ...]:
+        """(name, path) for each module matching alias; path is None for a built-in module (a
+        tuple: judging keys its verdicts by what matched)."""
+        return tuple(self._lookup(alias, True).items())
 
     def _lookup(self, alias: str, with_paths: bool) -> dict[str, str | None]:
         lib = self._lib

@@ -27,7 +27,7 @@ def test_lookup_equals_modprobe_R(world, tmp_path, what):
 
 def test_lookup_reports_builtin_modules_without_a_path(world):
     ctx = Context(world.installed, [])
-    assert ctx.lookup_paths(ALIAS["builtin"]) == [("kmg_builtin", None)]
+    assert ctx.lookup_paths(ALIAS["builtin"]) == (("kmg_builtin", None),)
     [(name, path)] = ctx.lookup_paths(ALIAS["installed"])
     assert name == "kmg_core_nic" and path.endswith("kernel/drivers/kmg/kmg_core_nic.ko")
 
