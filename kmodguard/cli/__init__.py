@@ -387,6 +387,20 @@ def main(argv: list[str] | None = None) -> int:
                                     hint="please report this; rerun with -vv for a traceback"), want_json)
 
 
+def run() -> None:
+    """The process's entry point (the console script, `python -m kmodguard`): main, then exit.
+
+    The objects are frozen first: the interpreter's collections at exit would walk everything
+    the command made (every module, an index's tables, thousands of verdicts), 7 ms of a 300 ms
+    `index build`. Nothing of kmodguard's waits for a collection to be cleaned up: files are
+    closed by their with-blocks, temporary directories by their own finalizers."""
+    import gc
+
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 def _fail(exc: KmodguardError, want_json: bool) -> int:
     from .output import emit_json, safe
 

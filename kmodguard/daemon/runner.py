@@ -25,7 +25,7 @@ FIX_UNIT = "kmodguard-fix.service"
 
 # The kmodguard this daemon runs: the child imports it from there and from nowhere a caller chose.
 _HOME = str(Path(__file__).resolve().parent.parent.parent)
-_BOOT = "import sys; sys.path.insert(0, sys.argv.pop(1)); from kmodguard.cli import main; sys.exit(main())"
+_BOOT = "import sys; sys.path.insert(0, sys.argv.pop(1)); from kmodguard.cli import run; run()"
 
 
 def fix_command(request: Path) -> list[str]:
