@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 
@@ -75,6 +74,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, durable: bool = Tru
 
 def copy_atomic(src: Path, dest: Path, tmp: Path) -> None:
     """Copy src over dest (mode included) through tmp, fsynced, renamed: dest is old or new, never half."""
+    import shutil  # not at import: `index build` imports this module before depmod can start
+
     try:
         fd = open_new(tmp, 0o600)
         with open(fd, "wb") as out, open(src, "rb") as source:
