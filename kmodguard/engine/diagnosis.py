@@ -446,9 +446,11 @@ class Diagnoser:
             for m in modules:
                 if m not in blocked:
                     firmware = pkg.firmware_of(m)
-                    need = self._firmware_need(m, firmware, modalias) if firmware else None
-                    candidates.append(Candidate(m, pkg.name, pkg.version, pkg.request,
-                                                self._firmware_missing(pkg, m), need))
+                    if firmware:  # most modules name none
+                        need, missing = self._firmware_need(m, firmware, modalias), self._firmware_missing(pkg, m)
+                    else:
+                        need, missing = None, ()
+                    candidates.append(Candidate(m, pkg.name, pkg.version, pkg.request, missing, need))
         if not candidates:
             return Verdict("ignored", "every module that would drive it is blacklisted: " + "; ".join(
                 f"{n} ({why})" for n, why in blocked_all.items()), installed_modules=tuple(installed),

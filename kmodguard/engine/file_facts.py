@@ -44,11 +44,14 @@ class FileFacts:
         self._learned = False
 
     def _load(self) -> dict[str, list]:
+        """The well-formed entries of the file (checked once here, not at each question)."""
         doc = read_cache(self._file, self._cap)
         if doc is None or doc.get("scope") != self._scope:
             return {}
         entries = doc.get("files")
-        return entries if isinstance(entries, dict) else {}
+        if not isinstance(entries, dict):
+            return {}
+        return {p: e for p, e in entries.items() if self._entry_ok(e)}
 
     def _entry_ok(self, entry) -> bool:
         return (isinstance(entry, list) and len(entry) == 6 and all(type(x) is int for x in entry[:5])
@@ -69,7 +72,7 @@ class FileFacts:
         path = os.fspath(path)
         self._asked.add(path)
         entry = self._entries.get(path)
-        if st is not None and self._entry_ok(entry) and entry[:5] == _identity(st):
+        if st is not None and entry is not None and entry[:5] == _identity(st):
             return entry[5]
         return None
 
@@ -92,7 +95,6 @@ class FileFacts:
         """Write what this run learned, when it may (a user's status cannot write STATE_DIR)."""
         if not self._learned:
             return
-        keep = {p: e for p, e in self._entries.items()
-                if (not self._prune or p in self._asked) and self._entry_ok(e)}
+        keep = {p: e for p, e in self._entries.items() if not self._prune or p in self._asked}
         if write_cache(self._file, {"scope": self._scope, "files": keep}):
             self._learned = False
