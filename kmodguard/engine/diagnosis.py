@@ -250,14 +250,18 @@ class Diagnoser:
 
     def _explain(self, modalias: str) -> Verdict:
         check_modalias(modalias)
+        # the common cases first, a verdict already made for the same matches without a call
+        # (`explain -` judges thousands; see _same_matches)
         if self.installed is not None:
             installed = self.installed.lookup_paths(modalias)
             if installed:
-                return self._same_matches(installed, self._installed_match, modalias, installed)
-        if self._index_answers:  # the common case first: `explain -` judges thousands
+                return self._by_matches.get(installed) or self._same_matches(
+                    installed, self._installed_match, modalias, installed)
+        if self._index_answers:
             found = self.index.lookup(modalias)
             if found:
-                return self._same_matches(found, self._candidates_verdict, modalias, found)
+                return self._by_matches.get(found) or self._same_matches(
+                    found, self._candidates_verdict, modalias, found)
         if self.no_module_support:
             return Verdict("unknown", f"no built-in driver claimed it, and {self.installed_problem}: no package can add one")
         if not self.index.exists:

@@ -389,12 +389,12 @@ class KernelIndex:
     def lookup(self, modalias: str) -> tuple[tuple[PackageIndex, tuple[str, ...]], ...]:
         """(package, its matching modules) for each package that has any; hashable, as judging
         keys its verdicts by what matched."""
-        found = []
+        found = ()
         for pkg in self.packages:
             modules = pkg.lookup(modalias)
             if modules:
-                found.append((pkg, modules))
-        return tuple(found)
+                found += ((pkg, modules),)  # one or two packages match: no list to convert
+        return found
 
 
 def kernels(root: Path) -> list[str]:
