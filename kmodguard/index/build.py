@@ -273,10 +273,12 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
 
 
 def _packed(table: dict) -> bytes:
-    """A table of the index as compact, sorted JSON, xz-compressed (preset 1: it runs beside depmod)."""
+    """A table of the index as compact, sorted JSON, xz-compressed. Preset 0: it runs beside depmod,
+    and on Fedora's kernel-modules (1 MB of JSON) takes half the CPU time of preset 1 (25 ms, not
+    50) for 4 KB more."""
     import lzma
 
-    return lzma.compress(json.dumps(table, separators=(",", ":"), sort_keys=True).encode(), preset=1)
+    return lzma.compress(json.dumps(table, separators=(",", ":"), sort_keys=True).encode(), preset=0)
 
 
 @contextlib.contextmanager
