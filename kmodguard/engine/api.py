@@ -116,7 +116,7 @@ class Engine:
     def explain_results(self, modaliases: list[str]) -> tuple[list[tuple[str, dict]], list[Verdict]]:
         """(modalias, its verdict's as_json) for each, and the verdicts. Modaliases with the same
         matches share one Verdict (Diagnoser._same_matches), and then one as_json dict, made once."""
-        verdicts = [self.diagnoser.explain(m) for m in modaliases]  # the Diagnoser checks each (InvalidInput)
+        verdicts = self.diagnoser.explain_all(modaliases)  # the Diagnoser checks each (InvalidInput)
         self.diagnoser.remember()
         bodies: dict[int, dict] = {}  # id(verdict): every verdict stays alive in `verdicts`
         for v in verdicts:

@@ -24,6 +24,7 @@ from kmodguard.config import Config
 from kmodguard.engine.diagnosis import Diagnoser
 from kmodguard.engine.environment import detect
 from kmodguard.engine.repository import RepositoryDrivers
+from kmodguard.errors import InvalidInput
 from kmodguard.index import modinfo
 from kmodguard.paths import Paths
 
@@ -106,6 +107,24 @@ def test_a_modalias_among_others_gets_the_verdict_it_gets_alone(machine, announc
         assert by[IDX_FW[1]].candidates[0].firmware.names == ()
     else:
         assert by[INST_FW[0]] == by[INST_FW[1]] and by[INST_FW[0]].firmware.named == 1
+
+
+@pytest.mark.parametrize("announced", [(), ANNOUNCED], ids=["no-announcements", "announcements"])
+def test_explain_all_answers_as_explain_one_by_one(machine, announced):
+    paths, _ = machine
+    order = ALL + ALL[::-1] + [ALL[0]]
+    one_by_one = [diagnoser(paths, announced).explain(m) for m in order]
+    batch = diagnoser(paths, announced)
+    assert batch.explain_all(order) == one_by_one
+    assert batch.explain_all(PLAIN)[1] is batch.explain(PLAIN[1])  # the same memo as explain
+
+
+def test_explain_all_refuses_a_malformed_modalias_before_judging_any(machine):
+    paths, _ = machine
+    d = diagnoser(paths)
+    with pytest.raises(InvalidInput):
+        d.explain_all([PLAIN[0], "pci:v0000FAFD d1", PLAIN[1]])
+    assert d._by_matches == {} and d._memo == {}
 
 
 def test_new_round_forgets_the_shared_verdicts(machine):
