@@ -24,7 +24,7 @@ import re
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from .. import requests
 from ..errors import IndexCorrupt, InvalidInput, KmodguardError
@@ -390,11 +390,18 @@ class KernelIndex:
         """(package, its matching modules) for each package that has any; hashable, as judging
         keys its verdicts by what matched."""
         found = ()
-        for pkg in self.packages:
-            modules = pkg.lookup(modalias)
+        for pkg, lookup in self._lookups:
+            modules = lookup(modalias)
             if modules:
                 found += ((pkg, modules),)  # one or two packages match: no list to convert
         return found
+
+    @cached_property
+    def _lookups(self) -> list[tuple[PackageIndex, Callable[[str], tuple[str, ...]]]]:
+        """(package, its lookup) for each package, made at the first lookup (which opens libkmod on
+        each): libkmod's own, one call fewer for each package and modalias, unless the index is a
+        derived one that names only some of its modules (PackageIndex.lookup filters them)."""
+        return [(p, p.context.lookup_tuple if p.only_modules is None else p.lookup) for p in self.packages]
 
 
 def kernels(root: Path) -> list[str]:
