@@ -272,7 +272,7 @@ class Diagnoser:
     def _judge(self, modalias: str, matches: tuple[tuple, tuple]) -> Verdict:
         installed, found = matches
         # the common cases first, a verdict already made for the same matches without a call
-        # (`explain -` judges thousands; see _same_matches)
+        # (`explain -` judges thousands; see _same_matches; a Verdict is never false)
         if installed:
             return self._by_matches.get(installed) or self._same_matches(
                 installed, self._installed_match, modalias, installed)
@@ -304,13 +304,12 @@ class Diagnoser:
         the (package, modules) found), except when every installed match is blacklisted (then the
         indexes are asked) or when a module's firmware is absent and the file lists name no
         package (then the repositories' announcements may be); such a verdict is not shared.
-        Many modaliases have the same matches: a driver's PCI ids, a GPU family."""
-        verdict = self._by_matches.get(matches)
-        if verdict is None:
-            self._beyond_matches = False
-            verdict = judge(modalias, *args)
-            if not self._beyond_matches:
-                self._by_matches[matches] = verdict
+        Many modaliases have the same matches: a driver's PCI ids, a GPU family. Called for
+        matches not in _by_matches (_judge looks there first, without a call)."""
+        self._beyond_matches = False
+        verdict = judge(modalias, *args)
+        if not self._beyond_matches:
+            self._by_matches[matches] = verdict
         return verdict
 
     def _installed_match(self, modalias: str, installed: tuple[tuple[str, str | None], ...]) -> Verdict:

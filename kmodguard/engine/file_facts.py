@@ -88,8 +88,10 @@ class FileFacts:
             self._entries = self._load()
         path = os.fspath(path)
         self._asked.add(path)
-        self._entries[path] = [*_identity(st), fact]
-        self._learned = True
+        entry = [*_identity(st), fact]
+        if self._entry_ok(entry):  # what _load would refuse is not kept: the entries stay well-formed
+            self._entries[path] = entry
+            self._learned = True
 
     def save(self) -> None:
         """Write what this run learned, when it may (a user's status cannot write STATE_DIR)."""
