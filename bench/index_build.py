@@ -1,11 +1,11 @@
 """Index build for the real kernel-modules payload (about 2,000 modules) versus depmod alone.
 
 kmodguard: `kmodguard index build --json --from-dir PAYLOAD` into a fresh index directory each
-run (a whole process: depmod on a staged tree of symlinks, modinfo of every module through
-libkmod, checksums, atomic publish).
-Baseline: `depmod -C EMPTY -b ROOT KVER` on the same modules, staged the same way (ROOT's
-lib/modules/KVER/kernel is a symlink to the payload's, plus empty modules.order/.builtin/
-.builtin.modinfo), the least any alias index of that package costs.
+run (a whole process: every module's .modinfo read, depmod on stand-ins that hold only that
+section, the module table beside it, checksums, atomic publish).
+Baseline: `depmod -C EMPTY -b ROOT KVER` on the real modules (ROOT's lib/modules/KVER/kernel is
+a symlink to the payload's, plus empty modules.order/.builtin/.builtin.modinfo), as anyone would
+build the package's alias index.
 Medians of N runs, alternating; goal ratio <= 1.2. Index size on disk: goal <= 1 MiB.
 """
 

@@ -1,9 +1,10 @@
 """Build a package index from an extracted payload or from RPM files.
 
-Alias matching is libkmod's: depmod writes modules.alias.bin for the package's modules in a
-staging tree of symlinks (no copy of the modules), while this process reads each module's
-modinfo (from the ELF section, modinfo.py; libkmod for compressed modules) and writes the index's
-own files. Both run at once, on two cores. An index derived for a new kernel: derive.py.
+Alias matching is libkmod's: depmod writes modules.alias.bin for the package's modules, staged
+on tmpfs as stand-ins that hold only each module's .modinfo section (modinfo_elf.py; a link to
+the module for one that is compressed). While depmod runs, this process turns the same sections
+(libkmod for compressed modules) into the module table and writes the index's own files, on
+the other core. An index derived for a new kernel: derive.py.
 """
 
 from __future__ import annotations
@@ -70,17 +71,15 @@ def _where(source: PackageSource | None, path: str | os.PathLike) -> str:
     return f"{rpm} (its file /{rel})"
 
 
-def _find_modules(mdir: Path, source: PackageSource | None = None) -> tuple[list[str], list[str]]:
-    """The module files under mdir, and those of them still to check (check_modules). Each must be
-    (or link to: the user chose this tree, and a tree of links such as `cp -rs` makes is a fair
-    payload) a regular file, not a FIFO or device (depmod and libkmod open it and would block or
-    read without end), of at most MODULE_CAP bytes. os.walk does not descend into linked
-    directories; neither does the staging tree (_stage).
+def _find_modules(mdir: Path, source: PackageSource | None = None) -> list[str]:
+    """The module files under mdir. Each must be (or link to: the user chose this tree, and a tree
+    of links such as `cp -rs` makes is a fair payload) a regular file, not a FIFO or device
+    (depmod and libkmod open it and would block or read without end), of at most MODULE_CAP
+    bytes. os.walk does not descend into linked directories.
 
-    Whatever depmod could block on, or be led elsewhere by (a link, a FIFO, a device), is checked
-    here, before depmod starts. A plain regular file (the directory entry says so, no stat needed)
-    cannot block it: its size and readability are checked by check_modules while depmod runs,
-    and the first refusal in walk order is still the one reported."""
+    A link (whatever it may lead to) is checked here; a plain regular file (the directory entry
+    says so, no stat needed) is checked when _stage opens it to read its .modinfo. The first
+    refusal in walk order is the one reported."""
     found: list[str] = []
     plain: list[str] = []
     try:
@@ -88,7 +87,7 @@ def _find_modules(mdir: Path, source: PackageSource | None = None) -> tuple[list
     except InvalidInput:
         check_modules(plain, source)  # a plain file before the refused one is refused first
         raise
-    return found, plain
+    return found
 
 
 def check_modules(paths: list[str], source: PackageSource | None = None) -> None:
@@ -148,18 +147,81 @@ def _walk_modules(directory: str, found: list[str], plain: list[str], source: Pa
         _walk_modules(sub, found, plain, source)
 
 
-def _stage(mdir: Path, kver: str, work: Path) -> Path:
-    """A tree depmod can index without copying: links to the payload's module directories
-    (depmod descends into them) and the empty files depmod insists on; its output lands here."""
-    stage_mdir = work / "stage" / "lib" / "modules" / kver
-    stage_mdir.mkdir(parents=True)
-    for entry in os.scandir(mdir):
-        # linked directories (the `build` and `source` links of a module tree) are not followed
-        if entry.is_dir(follow_symlinks=False) or (entry.name.endswith(MODULE_SUFFIXES) and entry.is_file()):
-            os.symlink(os.path.abspath(entry.path), stage_mdir / entry.name)
-    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
-        (stage_mdir / f).touch()
-    return stage_mdir
+STAGE_PARENTS = ("/dev/shm",)  # tmpfs, where the stand-ins are made (else the work directory)
+
+
+def _stage(stage: Path, modules: list[str], kver: str, source: PackageSource | None) -> tuple[Path, list]:
+    """A tree for depmod in stage (_stage_root): for each module a stand-in that
+    holds only its .modinfo (modinfo_elf), or, for a module not read here (compressed), a link to
+    it; and the empty files depmod insists on. Its output lands there too. (2,002 small files take
+    11 ms on tmpfs and up to half a second on a disk mounted with `discard`.)
+
+    Each module is opened once, and refused (as check_modules refuses it) unless it is a readable
+    regular file within MODULE_CAP. Returns the stage's module directory and, for each module
+    in order, (path, its .modinfo bytes or None, its size). A module whose name another one has
+    is not staged: _read_modinfo refuses the pair, after every other refusal, as it always did."""
+    from . import modinfo, modinfo_elf
+
+    stage_mdir = stage / "lib" / "modules" / kver
+    staged = []
+    names = set()
+    where = os.fspath(stage_mdir)
+    try:
+        stage_mdir.mkdir(parents=True)
+        for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+            (stage_mdir / f).touch()
+        for path in modules:
+            found, size = _open_module(path, modinfo.section, source)
+            staged.append((path, found and found[1], size))
+            name = modinfo.modname(path)
+            if name in names:
+                continue
+            names.add(name)
+            target = os.path.join(where, os.path.basename(path))
+            if found is None:
+                os.symlink(os.path.abspath(path), target)
+                continue
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, modinfo_elf.build(*found))
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        raise KmodguardError(f"cannot stage the modules for depmod in {stage}: {exc.strerror}",
+                             hint=f"free space in {stage.parent} and retry") from None
+    return stage_mdir, staged
+
+
+def _open_module(path: str, section, source: PackageSource | None):
+    """section(fd, size) of the module at path (an uncompressed one) and its size, once it is
+    known to be a readable regular file within MODULE_CAP; else refused by _check_module."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO swapped in: no wait
+    except OSError:
+        _check_module(path, os.stat, source)
+        return None, 0
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MODULE_CAP:
+            _check_module(path, lambda _: st, source)
+        if not path.endswith(".ko"):
+            return None, st.st_size
+        try:
+            return section(fd, st.st_size), st.st_size
+        except OSError:
+            return None, st.st_size  # libkmod reads it, and words the error
+    finally:
+        os.close(fd)
+
+
+def _stage_root(work: Path) -> Path:
+    """A new private directory in the first of STAGE_PARENTS that takes one, else in work."""
+    for parent in STAGE_PARENTS:
+        try:
+            return _private_dir(Path(parent), "kmodguard-stage")
+        except OSError:
+            continue
+    return _private_dir(work, "stage")
 
 
 def _modprobe_files(root: Path) -> list[Path]:
@@ -187,7 +249,7 @@ def build_packages(index_root: Path, items: list[tuple[str, PackageSource]], pro
         for kver, source in items:
             if progress and announce:
                 progress(f"indexing {source.name} {source.version} for kernel {kver}")
-            work = _work_dir(index_root, source.name)
+            work = _private_dir(index_root, f".build-{source.name}")
             staged.append((kver, source, work))
             _stage_package(kver, source, work, progress)
         links = [store.publish(index_root, kver, source.name, work / "index") for kver, source, work in staged]
@@ -199,11 +261,12 @@ def build_packages(index_root: Path, items: list[tuple[str, PackageSource]], pro
     return [store.PackageIndex(link, kver) for link, (kver, _, _) in zip(links, staged)]
 
 
-def _work_dir(index_root: Path, name: str) -> Path:
-    """A new directory of this process's own for one package's build (what tempfile.mkdtemp
-    makes, without importing tempfile and random: 2 ms before depmod could start)."""
+def _private_dir(parent: Path, prefix: str) -> Path:
+    """A new directory of this process's own in parent (what tempfile.mkdtemp makes, without
+    importing tempfile and random: 2 ms before depmod could start). Safe in a shared directory
+    such as /dev/shm: mkdir makes a new one or fails, and no one else may enter it."""
     while True:
-        work = Path(index_root) / f".build-{name}.{os.urandom(6).hex()}"
+        work = Path(parent) / f"{prefix}.{os.urandom(6).hex()}"
         try:
             work.mkdir(mode=0o700)
             return work
@@ -215,24 +278,30 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
     """Build one package's index directory in work/index (not yet published; names checked by
     build_packages)."""
     mdir = modules_dir_of(source.root, kver)
-    modules, unchecked = _find_modules(mdir, source)
+    modules = _find_modules(mdir, source)
     if not modules:
         raise InvalidInput(f"{_where(source, mdir)} holds no kernel modules (.ko, .ko.xz, .ko.zst)")
-    stage_mdir = _stage(mdir, kver, work)
+    stage = _stage_root(work)
+    try:
+        _index_staged(stage, kver, source, mdir, modules, work, progress)
+    finally:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _index_staged(stage: Path, kver: str, source: PackageSource, mdir: Path, modules: list[str], work: Path,
+                  progress) -> None:
+    stage_mdir, sections = _stage(stage, modules, kver, source)
     emptyconf = work / "depmod.d"
     emptyconf.mkdir()
-    depmod = process.start([_tool("depmod"), "-C", str(emptyconf), "-b", str(work / "stage"), kver],
+    depmod = process.start([_tool("depmod"), "-C", str(emptyconf), "-b", str(stage), kver],
                            DEPMOD_TIMEOUT, text=False)  # runs beside _read_modinfo
     out = work / "index"
     deferred = None
     try:
-        try:
-            check_modules(unchecked, source)
-        except BaseException:
-            depmod.stop()  # a refused payload: depmod's work is of no use
-            raise
         with _no_cyclic_gc():
-            records = _read_modinfo(stage_mdir, modules, mdir, progress, source)
+            records = _read_modinfo(stage_mdir, sections, mdir, progress, source)
             # compressed and written while depmod may still run: off the critical path
             packed = _packed(records)
             # what judging reads of the table, apart: explain need not decompress 1 MB for it
@@ -247,12 +316,12 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
         except process.CommandTimedOut:
             raise KmodguardError(f"depmod did not finish within {DEPMOD_TIMEOUT} s on {source.name}") from None
     if ran.returncode != 0:
-        said = ran.stderr.decode(errors='replace').strip().replace(str(work / "stage"), "")[:2000]
+        said = ran.stderr.decode(errors='replace').strip().replace(str(stage), "")[:2000]
         raise KmodguardError(f"depmod failed on {source.name} ({_where(source, source.root)}): {said}")
     if deferred is not None:
         raise deferred
 
-    os.rename(stage_mdir / "modules.alias.bin", out / "modules.alias.bin")  # the stage is removed after
+    _write_synced(out / "modules.alias.bin", (stage_mdir / "modules.alias.bin").read_bytes())
     # A package index answers aliases only: an empty index (depmod's own, for the empty
     # modules.builtin) stands in for the dependency and built-in tables.
     empty = (stage_mdir / "modules.builtin.bin").read_bytes()
@@ -329,26 +398,27 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _read_modinfo(stage_mdir: Path, modules: list[str], mdir: Path, progress, source=None) -> dict:
-    """Every module's modinfo while depmod runs on the other core: from the ELF section directly
-    (modinfo.py), else (compressed, unusual) by libkmod. (Two reader threads with a libkmod
-    context each were measured too: no faster, the loop holds the GIL.)"""
+def _read_modinfo(stage_mdir: Path, sections: list, mdir: Path, progress, source=None) -> dict:
+    """Every module's modinfo while depmod runs on the other core: from the .modinfo bytes _stage
+    read, else (compressed, unusual) by libkmod."""
     from . import modinfo
 
-    ctx = None  # libkmod, for the modules modinfo.read leaves to it (compressed ones): made when needed
+    ctx = None  # libkmod, for the modules _stage could not read (compressed ones): made when needed
     records = {}
     prefix = len(str(mdir).rstrip("/")) + 1  # plain string slicing: pathlib's relative_to is slow here
-    for i, path in enumerate(modules, 1):
-        info = modinfo.read(path)
-        if info is None and ctx is None:
-            from ..kmod import Context
+    for i, (path, raw, size) in enumerate(sections, 1):
+        if raw is not None:
+            info = modinfo.from_section(path, raw, size)
+        else:
+            if ctx is None:
+                from ..kmod import Context
 
-            ctx = Context(stage_mdir, [])
-        try:
-            info = info or ctx.module_info(path)
-        except KmodguardError as exc:
-            raise InvalidInput(f"{_where(source, path)} is not a readable kernel module: "
-                               f"{str(exc).replace(path, 'it')}") from None
+                ctx = Context(stage_mdir, [])
+            try:
+                info = ctx.module_info(path)
+            except KmodguardError as exc:
+                raise InvalidInput(f"{_where(source, path)} is not a readable kernel module: "
+                                   f"{str(exc).replace(path, 'it')}") from None
         if info.name in records:
             raise InvalidInput(f"module {info.name} appears twice in {_where(source, mdir)}: "
                                f"{records[info.name]['path']} and {path[prefix:]}")
@@ -359,6 +429,6 @@ def _read_modinfo(stage_mdir: Path, modules: list[str], mdir: Path, progress, so
             "firmware": list(info.firmware),
             "depends": list(info.depends),
         }
-        if progress and (i % 500 == 0 or i == len(modules)):
-            progress(f"read {i}/{len(modules)} modules")
+        if progress and (i % 500 == 0 or i == len(sections)):
+            progress(f"read {i}/{len(sections)} modules")
     return records

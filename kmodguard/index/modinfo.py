@@ -37,8 +37,11 @@ def modname(path: str) -> str:
 def read(path: str) -> ModuleInfo | None:
     """The module's alias, firmware and depends entries, or None to leave the file to libkmod."""
     raw, size = _section(path)
-    if raw is None:
-        return None
+    return None if raw is None else from_section(path, raw, size)
+
+
+def from_section(path: str, raw: bytes, size: int) -> ModuleInfo:
+    """What read() gives, from the .modinfo bytes of the module at path (section())."""
     values = _values(raw)
     depends = tuple(d.replace("-", "_") for v in values[b"depends"] for d in v.split(",") if d)
     return ModuleInfo(name=modname(path), path=path, size=size, aliases=tuple(values[b"alias"]),
@@ -65,8 +68,10 @@ def _section(path: str) -> tuple[bytes | None, int]:
     except OSError:
         return None, 0
     try:
-        return _modinfo_section(fd)
-    except (OSError, ValueError, struct.error, IndexError):
+        size = os.fstat(fd).st_size
+        found = section(fd, size)
+        return (found[1] if found else None), size
+    except OSError:
         return None, 0
     finally:
         os.close(fd)
@@ -80,23 +85,32 @@ def _values(raw: bytes) -> dict[bytes, list[str]]:
     return values
 
 
-def _modinfo_section(fd: int) -> tuple[bytes | None, int]:
-    size = os.fstat(fd).st_size
+def section(fd: int, size: int) -> tuple[bytes, bytes] | None:
+    """The ELF header (its first 64 bytes) and the .modinfo section of the open module file of
+    size bytes, or None when it is no ELF file whose offsets all lie inside it. Raises OSError
+    only for a failed read."""
+    try:
+        return _modinfo_section(fd, size)
+    except (ValueError, struct.error, IndexError):
+        return None
+
+
+def _modinfo_section(fd: int, size: int) -> tuple[bytes, bytes] | None:
     head = os.pread(fd, 64, 0)
     if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] not in _LAYOUT or head[5] not in (1, 2):
-        return None, size
+        return None
     order = "<" if head[5] == 1 else ">"
     off_shoff, shoff_fmt, off_sh, entsize, sh_fmt = _LAYOUT[head[4]]
     (shoff,) = struct.unpack_from(order + shoff_fmt, head, off_shoff)
     shentsize, shnum, shstrndx = struct.unpack_from(order + "HHH", head, off_sh)
     if shentsize != entsize or not 0 < shnum or not shstrndx < shnum or shoff + shnum * entsize > size:
-        return None, size
+        return None
     table = os.pread(fd, shnum * entsize, shoff)
     if len(table) != shnum * entsize:
-        return None, size
+        return None
     sections = list(struct.iter_unpack(order + sh_fmt, table))
     if any(s[1] != 8 and s[4] + s[5] > size for s in sections):  # SHT_NOBITS (8) has no bytes in the file
-        return None, size
+        return None
     _, _, _, _, names_off, names_size = sections[shstrndx]
     names = os.pread(fd, names_size, names_off)
     starts, at = set(), names.find(b".modinfo\0")
@@ -105,10 +119,10 @@ def _modinfo_section(fd: int) -> tuple[bytes | None, int]:
         at = names.find(b".modinfo\0", at + 1)
     found = [s for s in sections if s[0] in starts]
     if len(found) != 1 or found[0][1] == 8:
-        return None, size  # none, or several: libkmod decides
+        return None  # none, or several: libkmod decides
     _, _, _, _, offset, length = found[0]
     data = os.pread(fd, length, offset)
-    return (data if len(data) == length else None), size
+    return (head, data) if len(data) == length else None
 
 
 BUILTIN_MODINFO_CAP = 16 << 20  # Debian's is 0.4 MiB: all of vmlinux's modinfo strings

@@ -1,6 +1,6 @@
 """The index build overlaps its own work with depmod (issue 16): plain module files are checked
-for size and readability while depmod runs, and the module table and the package's modprobe.d
-are written before depmod ends. What is refused, and which refusal is reported first, stay as
+for size and readability as their .modinfo is read for depmod's stand-ins, and the module table
+and the package's modprobe.d are written before depmod ends. What is refused, and which refusal is reported first, stay as
 when everything ran in order; nothing is published from a refused payload."""
 
 from __future__ import annotations
