@@ -169,6 +169,18 @@ class Context:
         tuple: judging keys its verdicts by what matched)."""
         return tuple(self._lookup(alias, True).items())
 
+    def module_path(self, name: str) -> str | None:
+        """The file of the module named name (as a lookup gives it), from modules.dep; None for a
+        built-in module. What lookup_paths gives beside each name."""
+        lib = self._lib
+        mod = ffi.new("struct kmod_module **")
+        _check(lib.kmod_module_new_from_name(self._ctx, name.encode("utf-8", "surrogateescape"), mod),
+               f"module {name!r}")
+        try:
+            return _text(lib.kmod_module_get_path(mod[0]))
+        finally:
+            lib.kmod_module_unref(mod[0])
+
     def _lookup(self, alias: str, with_paths: bool) -> dict[str, str | None]:
         lib = self._lib
         out = ffi.new("struct kmod_list **")

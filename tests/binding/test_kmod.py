@@ -32,6 +32,15 @@ def test_lookup_reports_builtin_modules_without_a_path(world):
     assert name == "kmg_core_nic" and path.endswith("kernel/drivers/kmg/kmg_core_nic.ko")
 
 
+def test_module_path_is_the_path_a_lookup_gives(world):
+    """What judging asks once a module instead of with every lookup (Diagnoser._module_path)."""
+    ctx = Context(world.installed, [])
+    pairs = {pair for alias in ALIAS.values() for pair in ctx.lookup_paths(alias)}
+    assert {path is None for _, path in pairs} == {True, False}  # built-in and installed ones
+    for name, path in pairs:
+        assert ctx.module_path(name) == path
+
+
 def test_one_alias_two_modules_normalised_and_deduplicated(tmp_path):
     mods = [Module("kmg-dash", aliases=("usb:v1234p*", "usb:v1234p5678*")), Module("kmg_other", aliases=("usb:v1234p*",))]
     for m in mods:
