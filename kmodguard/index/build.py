@@ -9,8 +9,6 @@ the other core. An index derived for a new kernel: derive.py.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import os
 import stat
@@ -21,6 +19,7 @@ from pathlib import Path
 from ..errors import InvalidInput, KmodguardError
 from .. import process
 from ..fsutil import MiB, make_dir, read_capped, regular_file
+from ..memory import no_cyclic_gc
 from . import store
 
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
@@ -300,7 +299,7 @@ def _index_staged(stage: Path, kver: str, source: PackageSource, mdir: Path, mod
     out = work / "index"
     deferred = None
     try:
-        with _no_cyclic_gc():
+        with no_cyclic_gc():  # records hold no cycles; the passes would take CPU from depmod
             records = _read_modinfo(stage_mdir, sections, mdir, progress, source)
             # compressed and written while depmod may still run: off the critical path
             packed = _packed(records)
@@ -348,20 +347,6 @@ def _packed(table: dict) -> bytes:
     import lzma
 
     return lzma.compress(json.dumps(table, separators=(",", ":"), sort_keys=True).encode(), preset=0)
-
-
-@contextlib.contextmanager
-def _no_cyclic_gc():
-    """The cycle collector off while the module table is built: its records hold no cycles, and
-    its passes over them (a dozen for 2,000 modules) cost about a tenth of the reading's CPU
-    time, which on a busy machine is taken from depmod."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _own_files(out: Path, packed: bytes, packed_firmware: bytes, source: PackageSource,

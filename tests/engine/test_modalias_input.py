@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kmodguard.config import Config
-from kmodguard.engine.diagnosis import Diagnoser, check_modalias
+from kmodguard.engine.diagnosis import Diagnoser, check_modalias, check_modaliases
 from kmodguard.engine.environment import detect
 from kmodguard.errors import InvalidInput
 from kmodguard.paths import Paths
@@ -74,3 +74,27 @@ def test_well_formed_modaliases_with_glob_characters_never_break_libkmod(diagnos
 def test_libkmod_refusal_is_an_input_error(diagnoser):
     with pytest.raises(InvalidInput, match="libkmod refuses"):
         diagnoser.explain("pci:v0000[")
+
+
+def _refusal(check, value):
+    try:
+        check(value)
+    except InvalidInput as exc:
+        return exc.message
+    return None
+
+
+def _first_refusal(values):
+    return next((m for m in map(lambda v: _refusal(check_modalias, v), values) if m), None)
+
+
+modalias_like = (st.builds(lambda b, r: f"{b}:{r}", bus, body) | st.text(max_size=40)
+                 | st.sampled_from(["", "x" * 5000, "pci:v0000\n", "pci:a\nusb:b", "nocolon", 7]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(modalias_like, max_size=8))
+def test_the_bulk_check_refuses_what_the_one_by_one_check_refuses_first(values):
+    """explain_all checks every new modalias in one regular expression (check_modaliases): it
+    must refuse exactly when check_modalias refuses one, with the first one's message."""
+    assert _refusal(check_modaliases, values) == _first_refusal(values)
