@@ -213,14 +213,56 @@ def _open_module(path: str, section, source: PackageSource | None):
         os.close(fd)
 
 
-def _stage_root(work: Path) -> Path:
-    """A new private directory in the first of STAGE_PARENTS that takes one, else in work."""
+STAGE_PREFIX = "kmodguard-stage"
+STALE_AFTER = 60  # seconds: a stage this old that no build holds was left by a killed one
+
+
+def _stage_root(work: Path) -> tuple[Path, int | None]:
+    """A new private directory in the first of STAGE_PARENTS that takes one, else in work; and
+    the descriptor whose lock marks it as in use until the build closes it (a killed build's
+    lock goes with it: the next build removes what it left on tmpfs)."""
+    import fcntl
+
     for parent in STAGE_PARENTS:
         try:
-            return _private_dir(Path(parent), "kmodguard-stage")
+            _remove_stale_stages(parent)
+            stage = _private_dir(Path(parent), STAGE_PREFIX)
         except OSError:
             continue
-    return _private_dir(work, "stage")
+        try:
+            fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return stage, None  # unlocked, it is still this build's until removed
+        fcntl.flock(fd, fcntl.LOCK_EX)  # new and private: no one else holds it
+        return stage, fd
+    return _private_dir(work, "stage"), None
+
+
+def _remove_stale_stages(parent: str) -> None:
+    """Remove the stages of killed builds from parent: directories of this user's, named as
+    _stage_root names them, older than STALE_AFTER, whose lock no build holds. Anything else in a
+    shared directory, a link or another user's file among them, is left alone."""
+    import fcntl
+    import shutil
+
+    now = time.time()
+    for entry in os.scandir(parent):
+        if not entry.name.startswith(STAGE_PREFIX + "."):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or now - st.st_ctime < STALE_AFTER:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # refused while a build runs in it
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _modprobe_files(root: Path) -> list[Path]:
@@ -280,13 +322,15 @@ def _stage_package(kver: str, source: PackageSource, work: Path, progress) -> No
     modules = _find_modules(mdir, source)
     if not modules:
         raise InvalidInput(f"{_where(source, mdir)} holds no kernel modules (.ko, .ko.xz, .ko.zst)")
-    stage = _stage_root(work)
+    stage, lock = _stage_root(work)
     try:
         _index_staged(stage, kver, source, mdir, modules, work, progress)
     finally:
         import shutil
 
         shutil.rmtree(stage, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
 
 
 def _index_staged(stage: Path, kver: str, source: PackageSource, mdir: Path, modules: list[str], work: Path,
