@@ -179,10 +179,9 @@ class Diagnoser:
         self.ignored_modules = frozenset(m.replace("-", "_") for m in config.ignore.modules)
         self._memo: dict[str, Verdict] = {}
         self._by_matches: dict[tuple, Verdict] = {}  # what libkmod matched -> its verdict (_same_matches)
-        # installed module names a lookup matched -> (name, path) pairs, kept with the context: a
-        # module's path is asked of libkmod once (a modules.dep search, 6 us), not with every lookup
+        # installed module names a lookup matched -> (name, path) pairs, kept with the context: the
+        # paths (a modules.dep search each, 6 us) are asked of libkmod once a set, not every lookup
         self._installed_pairs: dict[tuple[str, ...], tuple[tuple[str, str | None], ...]] = {}
-        self._module_paths: dict[str, str | None] = {}  # installed module name -> its path (None: built in)
         self._beyond_matches = False  # the verdict being made read more of its modalias than its matches
         self._fw_memo: dict[tuple[str, str], tuple[str, ...]] = {}
         # names -> FirmwareLookup (the Engine gives one backed by the package manager)
@@ -297,15 +296,9 @@ class Diagnoser:
                 installed = self._installed_pairs.get(names)
                 if installed is None:
                     installed = self._installed_pairs[names] = tuple(
-                        (name, self._module_path(name)) for name in names)
+                        (name, self.installed.module_path(name)) for name in names)
                 return installed, ()
         return (), (self.index.lookup(modalias) if self._index_answers else ())
-
-    def _module_path(self, name: str) -> str | None:
-        paths = self._module_paths
-        if name not in paths:
-            paths[name] = self.installed.module_path(name)
-        return paths[name]
 
     def _judge(self, modalias: str, matches: tuple[tuple, tuple]) -> Verdict:
         installed, found = matches

@@ -68,8 +68,13 @@ def test_without_tmpfs_the_stage_is_made_beside_the_index(world, tmp_path, monke
     payload = world.packages["kernel-modules-extra"]
     mdir = build.modules_dir_of(payload, world.kver)
     monkeypatch.setattr(build, "STAGE_PARENTS", (str(tmp_path / "no-such-dir"),))
+    made = []
+    private_dir = build._private_dir
+    monkeypatch.setattr(build, "_private_dir", lambda parent, prefix: made.append(
+        private_dir(parent, prefix)) or made[-1])
     root = tmp_path / "index"
     pkg = _build(root, world.kver, payload)
+    assert [(p.parent.parent, p.name.split(".")[0]) for p in made[1:]] == [(root, "stage")]  # in the work dir
     assert (pkg.path / "modules.alias.bin").read_bytes() == _depmod_alias_index(mdir, world.kver, tmp_path / "d")
     assert not [p for p in root.iterdir() if p.name.startswith(".build-")]
     assert not (tmp_path / "no-such-dir").exists()
